@@ -1,0 +1,524 @@
+"""Association: which detections are the same star, and which reference star is it?
+
+`associate` turns an `InputData` into an `Association`: the list of measurements the fit
+will use (rows of `data.sources`), grouped into fitted stars, each optionally tied to one
+row of the reference catalog. It runs once, on the host, before any model exists, so it
+only has the first-guess WCSs to go on; everything is vectorised numpy + scipy KD-trees so
+that it scales to millions of detections.
+
+Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and records them in
+`Association.counts`):
+
+1. **Selection**: keep detections with ``instFlux / instFluxErr > config.min_snr``.
+2. **Projection**: every detection goes to the sky through the first-guess WCS of its
+   detector-visit (pixels are 0-based, so ``origin=0``).
+3. **Grouping** (one detection per visit per star, independent of input order):
+   friends-of-friends on 3-D unit vectors, linking detections of *different* visits within
+   ``match_radius_arcsec``. A group that still holds two detections of one visit (two close
+   stars chained together, or a doubly detected star) is split by re-running
+   friends-of-friends on its members with half the radius, repeatedly (down to 1/64 of
+   the radius): close-but-distinct stars separate cleanly at the scale of their
+   separation. Whatever is still ambiguous after that (detections within ~1/64 of the
+   radius of each other) is resolved by keeping, per visit, the detection closest to the
+   group's mean position; the others are regrouped among themselves the same way.
+   Detections are processed in a canonical, content-based order (visit, detector, y, x,
+   flux, source id), so shuffling the input catalog only relabels the result.
+   Stars with fewer than ``config.min_measurements`` detections are dropped.
+4. **Reference matching**: reference positions are carried to each star's mean epoch with
+   their proper motion (when present), then each star takes its nearest reference star
+   within ``ref_match_radius_arcsec``; if several stars claim the same reference star the
+   nearest keeps it and the others stay unmatched (one-to-one, no second choices: a loser
+   is usually a blend or a spurious detection).
+5. **Checks**: clear `InputError`s for input that cannot be fitted (nothing selected, a
+   single visit, no overlap between visits, no reference match at all); warnings name the
+   detector-visits whose detections associate with nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from jcal.config import FitConfig
+from jcal.data import InputData, InputError
+
+__all__ = ["Association", "associate"]
+
+log = logging.getLogger("jcal.associate")
+
+_ARCSEC = np.pi / (180.0 * 3600.0)  # radians per arcsec
+_MAS = _ARCSEC / 1000.0
+_SPLIT_HALVINGS = 6  # split ambiguous groups down to radius / 2**6 before the fallback rule
+_REF_CANDIDATES = 8  # nearest reference stars examined per fitted star (slow movers)
+_MAX_NAMED = 20  # detector-visits named in one warning
+
+
+@dataclass(frozen=True, eq=False)
+class Association:
+    """Measurements grouped into stars, stars matched to the reference catalog.
+
+    ``m`` measurements, ``n`` stars, ``v`` visits, ``d`` detectors, ``k`` detector-visits.
+    Measurements are sorted by (star, visit). All index arrays are int64.
+    """
+
+    source_index: np.ndarray  # (m,) row of data.sources
+    star: np.ndarray  # (m,) in [0, n)
+    visit_index: np.ndarray  # (m,) into `visits`
+    detector_index: np.ndarray  # (m,) into `detectors`
+    ccd_visit_index: np.ndarray  # (m,) into `ccd_visits`
+    ra: np.ndarray  # (m,) deg, first-guess WCS position of each measurement
+    dec: np.ndarray  # (m,) deg
+    visits: np.ndarray  # (v,) sorted unique visit ids with measurements
+    detectors: np.ndarray  # (d,) sorted unique detector ids with measurements
+    ccd_visits: np.ndarray  # (k, 2) sorted unique (visit, detector) pairs with measurements
+    star_ra: np.ndarray  # (n,) deg, mean first-guess position
+    star_dec: np.ndarray  # (n,) deg
+    star_epoch: np.ndarray  # (n,) decimal year, mean epoch of the star's measurements
+    star_ref: np.ndarray  # (n,) row of data.refcat, or -1
+    star_ref_ra: np.ndarray  # (n,) deg, reference position carried to star_epoch (NaN if none)
+    star_ref_dec: np.ndarray  # (n,) deg
+    star_ref_ra_err: np.ndarray  # (n,) mas on the sky (config.reference_error_mas if set; NaN if none)
+    star_ref_dec_err: np.ndarray  # (n,) mas
+    counts: dict[str, int] = field(default_factory=dict)  # counts at each step, for logs/reports
+
+    @property
+    def n_stars(self) -> int:
+        return int(self.star_ra.shape[0])
+
+    @property
+    def n_measurements(self) -> int:
+        return int(self.source_index.shape[0])
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """(n,) deg, (n,) deg -> (n, 3) unit vectors."""
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    cd = np.cos(dec)
+    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
+
+
+def _to_radec(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) vectors (any norm > 0) -> (n,) ra in [0, 360), (n,) dec, degrees."""
+    ra = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0])) % 360.0
+    dec = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
+    return ra, dec
+
+
+def _chord(angle_rad: np.ndarray | float) -> np.ndarray | float:
+    """Chord length on the unit sphere of an angular separation."""
+    return 2.0 * np.sin(np.minimum(np.asarray(angle_rad), np.pi) / 2.0)
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angular separation (rad) of (n, 3) unit vectors; accurate at tiny separations."""
+    return np.arctan2(np.linalg.norm(np.cross(a, b), axis=-1), np.sum(a * b, axis=-1))
+
+
+def _carry(xyz: np.ndarray, pmra: np.ndarray, pmdec: np.ndarray, dt: np.ndarray) -> np.ndarray:
+    """Move (n, 3) unit vectors by proper motion (mas/yr, pmra = mu_alpha cos dec) over dt (yr).
+
+    Linear motion in the local east/north tangent plane, renormalised: pole-safe, and exact
+    enough for matching (the fit itself models proper motion properly).
+    """
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    rho = np.hypot(x, y)
+    safe = np.where(rho > 0, rho, 1.0)
+    east = np.stack([-y / safe, x / safe, np.zeros_like(x)], axis=-1)  # (n, 3)
+    north = np.stack([-z * x / safe, -z * y / safe, rho], axis=-1)
+    step = (dt * _MAS)[:, None] * (pmra[:, None] * east + pmdec[:, None] * north)
+    out = xyz + step
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _sky_box(ra: np.ndarray, dec: np.ndarray) -> str:
+    """Human-readable RA/Dec bounding box, wrap-aware in RA."""
+    xyz = _unit_vectors(ra, dec)
+    ra0, _ = _to_radec(xyz.sum(axis=0, keepdims=True))
+    wrapped = (ra - ra0[0] + 180.0) % 360.0 - 180.0 + ra0[0]  # cut opposite the mean RA
+    return (f"RA [{wrapped.min() % 360:.5f}, {wrapped.max() % 360:.5f}] deg, "
+            f"Dec [{dec.min():.5f}, {dec.max():.5f}] deg")
+
+
+def _name_list(pairs) -> str:
+    pairs = [tuple(int(v) for v in p) for p in pairs]
+    more = f" and {len(pairs) - _MAX_NAMED} more" if len(pairs) > _MAX_NAMED else ""
+    return ", ".join(f"(visit={v}, detector={d})" for v, d in pairs[:_MAX_NAMED]) + more
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of n nodes given (p, 2) undirected edges."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def _duplicated_groups(labels: np.ndarray, visit: np.ndarray) -> np.ndarray:
+    """Labels of groups holding two or more detections of one visit."""
+    order = np.lexsort((visit, labels))
+    lab, vis = labels[order], visit[order]
+    dup = (lab[1:] == lab[:-1]) & (vis[1:] == vis[:-1])
+    return np.unique(lab[1:][dup])
+
+
+def _relabel_subset(labels: np.ndarray, nodes: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Give `nodes` fresh labels: components of the `pairs` joining two of them."""
+    n = labels.shape[0]
+    member = np.zeros(n, dtype=bool)
+    member[nodes] = True
+    local = np.full(n, -1, dtype=np.int64)
+    local[nodes] = np.arange(nodes.size)
+    inside = pairs[member[pairs[:, 0]] & member[pairs[:, 1]]]
+    sub = _components(nodes.size, local[inside])
+    labels = labels.copy()
+    labels[nodes] = labels.max() + 1 + sub
+    return labels
+
+
+def _group(xyz: np.ndarray, visit: np.ndarray, radius_rad: float) -> tuple[np.ndarray, int]:
+    """Group detections of one star across visits; see the module docstring for the rule.
+
+    xyz: (n, 3) unit vectors in canonical order; visit: (n,). Returns ((n,) group labels,
+    number of friends-of-friends groups that had to be split).
+    """
+    n = xyz.shape[0]
+    tree = cKDTree(xyz)
+    pairs = tree.query_pairs(float(_chord(radius_rad)), output_type="ndarray").astype(np.int64)  # (p, 2)
+    pairs = pairs[visit[pairs[:, 0]] != visit[pairs[:, 1]]]  # one visit never sees a star twice
+    dist = np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1)  # (p,) chord
+    labels = _components(n, pairs)
+
+    bad = _duplicated_groups(labels, visit)
+    n_split = int(bad.size)
+    # 1) Hierarchical friends-of-friends: halve the radius within ambiguous groups.
+    radius = radius_rad
+    for _ in range(_SPLIT_HALVINGS):
+        if bad.size == 0:
+            break
+        radius /= 2.0
+        nodes = np.flatnonzero(np.isin(labels, bad))
+        same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+        labels = _relabel_subset(labels, nodes, pairs[same & (dist <= _chord(radius))])
+        bad = _duplicated_groups(labels, visit)
+    # 2) Fallback for near-coincident duplicates: per visit keep the detection closest to
+    #    the group mean; regroup the rest among themselves (repeat until clean).
+    while bad.size:
+        nodes = np.flatnonzero(np.isin(labels, bad))  # (b,) ascending = canonical order
+        lab = labels[nodes]
+        _, inv = np.unique(lab, return_inverse=True)
+        mean = np.zeros((inv.max() + 1, 3))
+        np.add.at(mean, inv, xyz[nodes])
+        mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+        d = np.sum((xyz[nodes] - mean[inv]) ** 2, axis=1)
+        order = np.lexsort((nodes, d, visit[nodes], lab))  # ties -> canonical order
+        lab_o, vis_o = lab[order], visit[nodes][order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = (lab_o[1:] != lab_o[:-1]) | (vis_o[1:] != vis_o[:-1])
+        leftover = nodes[order[~first]]
+        same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+        labels = _relabel_subset(labels, leftover, pairs[same])
+        bad = _duplicated_groups(labels, visit)
+    # Keep groups connected (dropping detections from a chain can disconnect it).
+    same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+    labels = _components(n, pairs[same])
+    # Canonical star numbering: by the first (canonical) detection of each star.
+    _, first_idx, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(first_idx.size, dtype=np.int64)
+    rank[np.argsort(first_idx)] = np.arange(first_idx.size)
+    return rank[inv.reshape(-1)], n_split
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _project(data: InputData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First-guess sky position (deg) of source rows, sorted by (visit, detector)."""
+    src = data.sources
+    visit, detector = src.visit[rows], src.detector[rows]
+    ra = np.empty(rows.size)
+    dec = np.empty(rows.size)
+    keys = np.stack([visit, detector], axis=1)
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+    ends = np.r_[starts[1:], rows.size]
+    for s, e in zip(starts, ends):
+        wcs = data.ccd_visits[(int(visit[s]), int(detector[s]))].wcs
+        ra[s:e], dec[s:e] = wcs.all_pix2world(src.x[rows[s:e]], src.y[rows[s:e]], 0)
+    return ra, dec
+
+
+def _collect_references(data: InputData, ccd_keys: np.ndarray, ref_xyz: np.ndarray) -> np.ndarray:
+    """(r,) bool: reference stars inside at least one detector-visit's pixel bounding box.
+
+    ccd_keys: (k, 2) (visit, detector) pairs with selected detections. A cap around each
+    detector (centre to farthest corner, +10%) picks candidates, whose pixel position
+    through the first-guess WCS is then checked against the detector bounds.
+    """
+    collected = np.zeros(ref_xyz.shape[0], dtype=bool)
+    tree = cKDTree(ref_xyz)
+    for visit, detector in ccd_keys.tolist():
+        ccd = data.ccd_visits[(visit, detector)]
+        px = np.array([(ccd.nx - 1) / 2, -0.5, ccd.nx - 0.5, -0.5, ccd.nx - 0.5])
+        py = np.array([(ccd.ny - 1) / 2, -0.5, -0.5, ccd.ny - 0.5, ccd.ny - 0.5])
+        cxyz = _unit_vectors(*ccd.wcs.all_pix2world(px, py, 0))
+        if not np.all(np.isfinite(cxyz)):
+            continue
+        cap = 1.1 * _angle(cxyz[:1], cxyz[1:]).max()
+        cand = np.asarray(tree.query_ball_point(cxyz[0], float(_chord(cap))), dtype=np.int64)
+        cand = cand[~collected[cand]]
+        if cand.size == 0:
+            continue
+        ra, dec = _to_radec(ref_xyz[cand])
+        x, y = ccd.wcs.all_world2pix(ra, dec, 0, quiet=True)
+        inside = (x >= -0.5) & (x <= ccd.nx - 0.5) & (y >= -0.5) & (y <= ccd.ny - 0.5)
+        collected[cand[inside]] = True
+    return collected
+
+
+def _first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
+    """(c,) bool: True at the first element of each run of equal keys."""
+    first = np.ones(sorted_keys.shape[0], dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return first
+
+
+def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.ndarray,
+                      ref_epoch: np.ndarray, pmra: np.ndarray, pmdec: np.ndarray,
+                      radius_rad: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest-neighbour match of stars to references at the stars' epochs.
+
+    star_xyz (n, 3), star_epoch (n,); ref_* (r,) with NaN proper motion where unknown.
+    Returns ((n,) reference row or -1, (n, 3) matched reference vector at star epoch).
+    """
+    n, r = star_xyz.shape[0], ref_xyz.shape[0]
+    has_pm = np.isfinite(pmra) & np.isfinite(pmdec)
+    pmra, pmdec = np.where(has_pm, pmra, 0.0), np.where(has_pm, pmdec, 0.0)
+    # Candidates are searched with references carried to the middle epoch; a reference
+    # moving less than the match radius over half the span ("slow") is then within twice the
+    # radius of its stars, faster ones get their own search radius.
+    mid = 0.5 * (star_epoch.min() + star_epoch.max())
+    half_span = 0.5 * (star_epoch.max() - star_epoch.min())
+    ref_mid = _carry(ref_xyz, pmra, pmdec, mid - ref_epoch)
+    drift = np.hypot(pmra, pmdec) * _MAS * half_span  # (r,) rad
+    slow = np.flatnonzero(drift <= radius_rad)
+    fast = np.flatnonzero(drift > radius_rad)
+
+    cand_star, cand_ref = [], []
+    if slow.size:
+        k = min(_REF_CANDIDATES, slow.size)
+        _, idx = cKDTree(ref_mid[slow]).query(star_xyz, k=k, distance_upper_bound=float(_chord(2 * radius_rad)))
+        idx = idx.reshape(n, k)
+        ok = idx < slow.size
+        cand_star.append(np.nonzero(ok)[0])
+        cand_ref.append(slow[idx[ok]])
+    if fast.size:
+        hits = cKDTree(star_xyz).query_ball_point(ref_mid[fast], _chord(radius_rad + drift[fast]))
+        lengths = np.array([len(h) for h in hits], dtype=np.int64)
+        cand_star.append(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] + [np.zeros(0, np.int64)]))
+        cand_ref.append(np.repeat(fast, lengths))
+    cs = np.concatenate(cand_star) if cand_star else np.zeros(0, np.int64)
+    cr = np.concatenate(cand_ref) if cand_ref else np.zeros(0, np.int64)
+
+    moved = _carry(ref_xyz[cr], pmra[cr], pmdec[cr], star_epoch[cs] - ref_epoch[cr])  # (c, 3)
+    sep = _angle(star_xyz[cs], moved)
+    keep = sep <= radius_rad
+    cs, cr, sep, moved = cs[keep], cr[keep], sep[keep], moved[keep]
+    # Each star's nearest reference ...
+    o = np.lexsort((cr, sep, cs))
+    o = o[_first_of_runs(cs[o])]
+    # ... and each reference keeps only its nearest claimant.
+    o = o[np.lexsort((cs[o], sep[o], cr[o]))]
+    o = o[_first_of_runs(cr[o])]
+    star_ref = np.full(n, -1, dtype=np.int64)
+    star_ref[cs[o]] = cr[o]
+    ref_at_star = np.full((n, 3), np.nan)
+    ref_at_star[cs[o]] = moved[o]
+    return star_ref, ref_at_star
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def associate(data: InputData, config: FitConfig) -> Association:
+    """Select, group and reference-match the detections of `data`; see the module docstring.
+
+    Raises InputError when the input cannot support a fit (nothing selected, fewer than two
+    visits, visits that do not overlap, or no star matching the reference catalog).
+    """
+    src, ref = data.sources, data.refcat
+    counts: dict[str, int] = {"sources_total": len(src)}
+
+    # 1. Selection.
+    snr = src.inst_flux / src.inst_flux_err
+    selected = np.flatnonzero(snr > config.min_snr)
+    counts["sources_selected"] = int(selected.size)
+    log.info("selection: %d of %d detections have S/N > %g (%d dropped)",
+             selected.size, len(src), config.min_snr, len(src) - selected.size)
+    if selected.size == 0:
+        raise InputError(
+            f"no detection passes the source selection instFlux/instFluxErr > min_snr = {config.min_snr:g} "
+            f"(0 of {len(src)} kept; the highest S/N in the catalog is {np.max(snr):.3g})"
+        )
+    # Canonical, content-based order (primary key last): the result must not depend on
+    # the input row order.
+    rows = selected[np.lexsort((src.source_id[selected], src.inst_flux[selected], src.x[selected],
+                                src.y[selected], src.detector[selected], src.visit[selected]))]
+    visit, detector = src.visit[rows], src.detector[rows]
+    visit_ids = np.unique(visit)
+    if visit_ids.size < 2:
+        raise InputError(
+            f"fewer than 2 visits have selected detections (only visit(s) {visit_ids.tolist()}): "
+            "a joint calibration needs overlapping visits"
+        )
+
+    # 2. Projection with the first-guess WCSs.
+    ra, dec = _project(data, rows)
+    finite = np.isfinite(ra) & np.isfinite(dec)
+    if not finite.all():
+        bad_keys = np.unique(np.stack([visit[~finite], detector[~finite]], axis=1), axis=0)
+        log.warning("%d selected detection(s) have no finite first-guess sky position and are dropped; "
+                    "detector-visit(s): %s", int((~finite).sum()), _name_list(bad_keys))
+        rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
+    counts["sources_projected"] = int(rows.size)
+    xyz = _unit_vectors(ra, dec)  # (s, 3)
+
+    # 3. Grouping.
+    radius = config.match_radius_arcsec * _ARCSEC
+    labels, n_split = _group(xyz, visit, radius)
+    n_groups = int(labels.max()) + 1
+    size = np.bincount(labels, minlength=n_groups)  # detections = visits, per group
+    counts["stars_grouped"] = n_groups
+    counts["groups_split"] = n_split
+    log.info("grouping: %d detections -> %d groups within %g arcsec (%d ambiguous groups split)",
+             rows.size, n_groups, config.match_radius_arcsec, n_split)
+    if size.max() < 2:
+        raise InputError(
+            f"no star is seen in 2 or more visits: the {visit_ids.size} visits' detections do not overlap "
+            f"within match_radius_arcsec = {config.match_radius_arcsec:g} (check that the visits overlap "
+            "on the sky and that their first-guess WCSs are right)"
+        )
+    keep_group = size >= config.min_measurements
+    counts["stars_kept"] = int(keep_group.sum())
+    log.info("grouping: %d stars with >= %d measurements kept (%d dropped)",
+             keep_group.sum(), config.min_measurements, n_groups - keep_group.sum())
+    if not keep_group.any():
+        raise InputError(
+            f"no star has at least min_measurements = {config.min_measurements} detections "
+            f"(the best-observed star has {size.max()})"
+        )
+    # Renumber kept stars in canonical order and sort measurements by (star, visit).
+    new_label = np.cumsum(keep_group) - 1
+    m_keep = keep_group[labels]
+    star = new_label[labels[m_keep]]
+    order = np.lexsort((visit[m_keep], star))
+    sel_idx = np.flatnonzero(m_keep)[order]  # (m,) into the selected/canonical arrays
+    star = star[order]
+    m_rows, m_visit, m_detector = rows[sel_idx], visit[sel_idx], detector[sel_idx]
+    m_ra, m_dec, m_xyz = ra[sel_idx], dec[sel_idx], xyz[sel_idx]
+    n_stars = int(keep_group.sum())
+
+    # Per-star mean position and epoch.
+    vis_order = np.argsort(data.visits.visit)
+    vis_pos = vis_order[np.searchsorted(data.visits.visit, m_visit, sorter=vis_order)]
+    m_epoch = data.visits.epoch[vis_pos]  # (m,)
+    nmeas = np.bincount(star, minlength=n_stars)
+    star_xyz = np.zeros((n_stars, 3))
+    np.add.at(star_xyz, star, m_xyz)
+    star_xyz /= np.linalg.norm(star_xyz, axis=1, keepdims=True)
+    star_ra, star_dec = _to_radec(star_xyz)
+    star_epoch = np.bincount(star, weights=m_epoch, minlength=n_stars) / nmeas
+
+    # 4. Reference matching.
+    ref_xyz = _unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
+    sel_keys = np.unique(np.stack([visit, detector], axis=1), axis=0)
+    collected = _collect_references(data, sel_keys, ref_xyz)
+    counts["reference_stars_total"] = len(ref)
+    counts["reference_stars_collected"] = int(collected.sum())
+    coll_rows = np.flatnonzero(collected)
+    star_ref = np.full(n_stars, -1, dtype=np.int64)
+    ref_at_star = np.full((n_stars, 3), np.nan)
+    if coll_rows.size:
+        sub_ref, ref_at_star = _match_references(
+            star_xyz, star_epoch, ref_xyz[coll_rows], ref.epoch[coll_rows], ref.pmra[coll_rows],
+            ref.pmdec[coll_rows], config.ref_match_radius_arcsec * _ARCSEC)
+        star_ref = np.where(sub_ref >= 0, coll_rows[np.maximum(sub_ref, 0)], -1)
+    matched = star_ref >= 0
+    counts["reference_stars_matched"] = int(matched.sum())
+    log.info("reference: %d of %d reference stars in the footprint; %d stars matched within %g arcsec",
+             collected.sum(), len(ref), matched.sum(), config.ref_match_radius_arcsec)
+    if not matched.any():
+        _, nearest = cKDTree(ref_xyz).query(xyz)
+        med = np.median(_angle(xyz, ref_xyz[nearest])) / _ARCSEC
+        raise InputError(
+            f"no star matches the reference catalog within ref_match_radius_arcsec = "
+            f"{config.ref_match_radius_arcsec:g}: the first-guess WCS probably misses the refcat. "
+            f"The median distance from a detection to its nearest reference star is {med:.3g} arcsec; "
+            f"detections cover {_sky_box(ra, dec)}, the reference catalog covers {_sky_box(ref.ra, ref.dec)}"
+            f" ({collected.sum()} reference stars fall on the detectors)"
+        )
+    star_ref_ra, star_ref_dec = np.full(n_stars, np.nan), np.full(n_stars, np.nan)
+    star_ref_ra[matched], star_ref_dec[matched] = _to_radec(ref_at_star[matched])
+    star_ref_ra_err, star_ref_dec_err = np.full(n_stars, np.nan), np.full(n_stars, np.nan)
+    if config.reference_error_mas is not None:
+        star_ref_ra_err[matched] = star_ref_dec_err[matched] = config.reference_error_mas
+    else:
+        star_ref_ra_err[matched] = ref.ra_err[star_ref[matched]]
+        star_ref_dec_err[matched] = ref.dec_err[star_ref[matched]]
+
+    # Indices of the kept measurements.
+    visits_u, visit_index = np.unique(m_visit, return_inverse=True)
+    detectors_u, detector_index = np.unique(m_detector, return_inverse=True)
+    ccd_u, ccd_index = np.unique(np.stack([m_visit, m_detector], axis=1), axis=0, return_inverse=True)
+    counts["measurements"] = int(m_rows.size)
+    counts["measurements_with_reference"] = int(matched[star].sum())
+    counts["visits"] = int(visits_u.size)
+    counts["detectors"] = int(detectors_u.size)
+    counts["ccd_visits"] = int(ccd_u.shape[0])
+    log.info("association: %d measurements of %d stars (%d with a reference star) on %d detector-visits "
+             "(%d visits, %d detectors)", m_rows.size, n_stars, matched.sum(), ccd_u.shape[0],
+             visits_u.size, detectors_u.size)
+
+    # 5. Warnings naming detector-visits whose detections associate with nothing.
+    kept_keys = {tuple(k) for k in ccd_u.tolist()}
+    lonely = [k for k in sel_keys.tolist() if tuple(k) not in kept_keys]
+    if lonely:
+        log.warning("%d detector-visit(s) have selected detections that match no other visit: %s",
+                    len(lonely), _name_list(lonely))
+    ccd_index = ccd_index.reshape(-1)
+    with_ref = np.bincount(ccd_index, weights=matched[star], minlength=ccd_u.shape[0])
+    no_ref = ccd_u[with_ref == 0]
+    if no_ref.shape[0]:
+        log.warning("%d detector-visit(s) have no measurement matched to the reference catalog "
+                    "(first-guess WCS off?): %s", no_ref.shape[0], _name_list(no_ref))
+
+    return Association(
+        source_index=m_rows.astype(np.int64),
+        star=star.astype(np.int64),
+        visit_index=visit_index.reshape(-1).astype(np.int64),
+        detector_index=detector_index.reshape(-1).astype(np.int64),
+        ccd_visit_index=ccd_index.astype(np.int64),
+        ra=m_ra,
+        dec=m_dec,
+        visits=visits_u.astype(np.int64),
+        detectors=detectors_u.astype(np.int64),
+        ccd_visits=ccd_u.astype(np.int64).reshape(-1, 2),
+        star_ra=star_ra,
+        star_dec=star_dec,
+        star_epoch=star_epoch,
+        star_ref=star_ref,
+        star_ref_ra=star_ref_ra,
+        star_ref_dec=star_ref_dec,
+        star_ref_ra_err=star_ref_ra_err,
+        star_ref_dec_err=star_ref_dec_err,
+        counts=counts,
+    )

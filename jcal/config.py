@@ -1,0 +1,113 @@
+"""Configuration of a fit: one frozen dataclass, validated on construction.
+
+`FitConfig` is the core's own, snake_case and typed; the Task facade
+(`jcal.task.JointcalConfig`) maps jointcal's field names onto it. Configs serialise to
+and from JSON (never executed), see `FitConfig.to_dict` / `FitConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ASTROMETRY_MODELS = ("constrained", "simple")
+PHOTOMETRY_MODELS = ("constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    # What to fit.
+    astrometry: bool = True
+    photometry: bool = True
+
+    # Source selection (applied before association).
+    min_snr: float = 10.0  # instFlux / instFluxErr
+    # Association.
+    match_radius_arcsec: float = 1.0  # detections of one star across visits
+    ref_match_radius_arcsec: float = 1.0  # fitted star <-> reference star
+    min_measurements: int = 2  # a fitted star needs this many detections
+
+    # Astrometric model.
+    astrometry_model: Literal["constrained", "simple"] = "constrained"
+    chip_order: int = 1  # constrained: per-detector pixel -> focal plane
+    visit_order: int = 5  # constrained: per-visit focal plane -> tangent plane
+    simple_order: int = 3  # simple: per detector-visit pixel -> tangent plane
+    proper_motion: Literal["auto", "on", "off"] = "auto"  # auto: on when visits span > pm_min_baseline_years
+    pm_min_baseline_years: float = 1.0
+    reference_error_mas: float | None = None  # overrides (or supplies missing) refcat position errors
+    astrometry_pedestal_mas: float = 0.0  # added in quadrature to every centroid error (on the sky)
+
+    # Photometric model.
+    photometry_model: Literal[
+        "constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux"
+    ] = "constrained_magnitude"
+    photometry_visit_order: int = 7  # Chebyshev order of the per-visit focal-plane field
+    flux_pedestal: float = 0.0  # fractional, added in quadrature to instFluxErr / instFlux
+    magnitude_pedestal: float = 0.0  # mag, added in quadrature
+    reference_band: str | None = None  # refcat band for each visit band; None: same name
+
+    # Solver.
+    outlier_sigma: float = 5.0  # reject at this many sigma (equivalent Gaussian tail)
+    max_iterations: int = 20  # Gauss-Newton steps per stage
+    tolerance: float = 1e-6  # stop when chi2 changes by less than this fraction
+    line_search: bool = True
+    max_outlier_rounds: int = 20
+
+    def __post_init__(self):
+        def check(name: str, ok: bool, allowed: str):
+            if not ok:
+                raise ConfigError(f"config field {name!r} = {getattr(self, name)!r} is invalid: {allowed}")
+
+        check("astrometry_model", self.astrometry_model in ASTROMETRY_MODELS, f"one of {ASTROMETRY_MODELS}")
+        check("photometry_model", self.photometry_model in PHOTOMETRY_MODELS, f"one of {PHOTOMETRY_MODELS}")
+        check("proper_motion", self.proper_motion in ("auto", "on", "off"), "one of ('auto', 'on', 'off')")
+        for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order"):
+            v = getattr(self, name)
+            check(name, isinstance(v, int) and 0 <= v <= 12, "an integer in [0, 12]")
+        check("chip_order", self.chip_order >= 1, "at least 1 (a detector needs an affine map)")
+        check("simple_order", self.simple_order >= 1, "at least 1")
+        check("visit_order", self.visit_order >= 1, "at least 1")
+        check("min_measurements", isinstance(self.min_measurements, int) and self.min_measurements >= 1,
+              "an integer >= 1")
+        for name in ("min_snr", "astrometry_pedestal_mas", "flux_pedestal", "magnitude_pedestal",
+                     "pm_min_baseline_years"):
+            check(name, float(getattr(self, name)) >= 0, "a number >= 0")
+        for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance"):
+            check(name, float(getattr(self, name)) > 0, "a number > 0")
+        check("reference_error_mas", self.reference_error_mas is None or self.reference_error_mas > 0,
+              "None or a number > 0")
+        check("max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
+              "an integer >= 1")
+        check("max_outlier_rounds", isinstance(self.max_outlier_rounds, int) and self.max_outlier_rounds >= 0,
+              "an integer >= 0")
+        check("astrometry", isinstance(self.astrometry, bool), "True or False")
+        check("photometry", isinstance(self.photometry, bool), "True or False")
+        check("astrometry", self.astrometry or self.photometry, "at least one of astrometry/photometry must be on")
+
+    def replace(self, **changes: Any) -> "FitConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FitConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

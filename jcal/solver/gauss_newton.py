@@ -1,0 +1,293 @@
+"""The Gauss-Newton driver: stages, line search, convergence, outlier rejection, failures.
+
+`StructuredProblem` is what a fit (astrometric or photometric) hands the solver: a
+residual function per measurement, an optional prior per star (reference catalog), the
+mapping model and the stars as equinox modules, the per-measurement data and group
+indices. `Solver` precomputes the layout once (host), then runs jitted steps whose shapes
+never change: outliers get weight 0 and fixed parameters mask 0 instead of being removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special, stats
+
+from jcal_models import parameter_filter
+
+from .layout import BlockGroups, ParameterLayout, Tiles
+from .normal_equations import System, chi2_terms, gauss_newton_step, measurement_terms, reduced_covariance
+
+log = logging.getLogger("jcal.solver")
+
+
+class FitError(RuntimeError):
+    """The fit cannot go on (non-finite chi2, singular system, exploding chi2)."""
+
+
+class SingularSystemError(FitError):
+    """The normal equations are singular; `parameters` names the unconstrained ones."""
+
+    def __init__(self, message: str, parameters: list[str]):
+        super().__init__(message)
+        self.parameters = parameters
+
+
+@dataclass
+class StructuredProblem:
+    residual_fn: Callable  # (model_view, star_view, datum) -> (d,) whitened residual
+    prior_fn: Callable | None  # (star_view, star_datum) -> (k,) whitened residual, or None
+    mapping: Any  # eqx.Module, full (leaves with group axes)
+    stars: Any  # eqx.Module, leaves with a leading star axis
+    data: dict[str, np.ndarray]  # per measurement, leading axis n
+    star_data: dict[str, np.ndarray] | None  # per star, leading axis S
+    index: dict[str, np.ndarray]  # group key -> (n,) int; must include "star"
+    star_xyz: np.ndarray  # (S, 3) unit vectors, to tile the stars spatially
+    prior_dof: np.ndarray | None = None  # (S,) number of active prior components per star
+    mapping_filter: Any = None  # bool pytree: fitted leaves (default: parameter_filter)
+    stars_per_tile: int = 128
+
+
+@dataclass
+class FitState:
+    mapping: Any
+    stars: Any
+    weights: np.ndarray  # (n,) 1 = used, 0 = rejected outlier
+    star_weights: np.ndarray  # (S,) prior (reference) used
+    history: list[dict] = field(default_factory=list)  # one entry per step
+    converged: bool = True
+    n_outliers: int = 0
+    n_reference_outliers: int = 0
+
+
+_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
+_chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
+_covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
+
+
+def _star_flat(stars_params) -> jax.Array:
+    leaves = jax.tree.leaves(stars_params)
+    return jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
+
+
+def _star_unflat(flat, stars_params):
+    leaves, treedef = jax.tree.flatten(stars_params)
+    out, start = [], 0
+    for a in leaves:
+        width = int(np.prod(a.shape[1:]))
+        out.append(flat[:, start:start + width].reshape(a.shape))
+        start += width
+    return jax.tree.unflatten(treedef, out)
+
+
+class Solver:
+    """Host-side driver around the jitted step, for one problem structure."""
+
+    def __init__(self, problem: StructuredProblem):
+        self.problem = problem
+        filt = problem.mapping_filter if problem.mapping_filter is not None else parameter_filter(problem.mapping)
+        self.mapping_filter = filt
+        pm, _ = eqx.partition(problem.mapping, filt)
+        self.layout = ParameterLayout.of(pm, problem.mapping)
+        self.star_filter = parameter_filter(problem.stars)
+        n = len(problem.index["star"])
+        groups = self.layout.group_index(problem.index, n)
+        blocks = BlockGroups.of(groups)
+        tiles = Tiles.of(np.asarray(problem.index["star"]), problem.star_xyz, groups, problem.stars_per_tile)
+        self.system = System(
+            index={k: jnp.asarray(v) for k, v in problem.index.items()},
+            columns=jnp.asarray(self.layout.columns(groups)),
+            block_members=jnp.asarray(blocks.members),
+            block_groups=jnp.asarray(blocks.groups),
+            tile_stars=jnp.asarray(tiles.stars),
+            tile_measurements=jnp.asarray(tiles.measurements),
+            tile_star_local=jnp.asarray(tiles.star_local),
+            tile_slots=tuple(jnp.asarray(s) for s in tiles.slots),
+            tile_groups=tuple(jnp.asarray(g) for g in tiles.groups),
+        )
+        self.data = jax.tree.map(jnp.asarray, problem.data)
+        self.star_data = None if problem.star_data is None else jax.tree.map(jnp.asarray, problem.star_data)
+        self.n_measurements = n
+        self.n_stars = int(problem.star_xyz.shape[0])
+        self.sizes = {
+            "measurements": n, "stars": self.n_stars, "mapping_parameters": self.layout.size,
+            "star_parameters": int(_star_flat(eqx.filter(problem.stars, self.star_filter)).size),
+            "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
+            "tile_width": int(tiles.measurements.shape[1]),
+            "tile_columns": int(sum(g.shape[1] * p for g, p in zip(tiles.groups, self.layout.row_sizes))),
+        }
+
+    # -- parameter vectors ---------------------------------------------------------------------
+    def split(self, mapping, stars):
+        return eqx.partition(mapping, self.mapping_filter), eqx.partition(stars, self.star_filter)
+
+    def mapping_mask(self, mask_tree=None) -> jax.Array:
+        """(N,) 1 for free mapping parameters; `mask_tree` like the fitted leaves, 0/1 arrays."""
+        if mask_tree is None:
+            return jnp.ones(self.layout.size)
+        return self.layout.flatten(mask_tree).astype(jnp.float64)
+
+    def parameter_names(self) -> list[str]:
+        """Readable name of every flat mapping parameter."""
+        pm, _ = eqx.partition(self.problem.mapping, self.mapping_filter)
+        names = []
+        for (path, leaf), key, g, p in zip(jax.tree_util.tree_flatten_with_path(pm)[0], self.layout.keys,
+                                           self.layout.n_groups, self.layout.row_sizes):
+            label = jax.tree_util.keystr(path)
+            for gi in range(g):
+                for e in range(p):
+                    names.append(f"{label}[{key} {gi}, element {e}]")
+        return names
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def chi2(self, state: FitState) -> tuple[np.ndarray, np.ndarray]:
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        c_m, c_s = _chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
+                         self.star_data, self.system.index, jnp.asarray(state.weights),
+                         jnp.asarray(state.star_weights))
+        return np.asarray(c_m), np.asarray(c_s)
+
+    def _effective_star_mask(self, state: FitState, star_mask) -> jax.Array:
+        """Stars with no unrejected measurement and no prior have nothing to fit: fix them."""
+        active = np.bincount(np.asarray(self.problem.index["star"]), weights=state.weights,
+                             minlength=self.n_stars)
+        if self.problem.prior_dof is not None:
+            active = active + state.star_weights * (self.problem.prior_dof > 0)
+        return jnp.asarray(star_mask) * jnp.asarray(active > 0, dtype=jnp.float64)[:, None]
+
+    def run_stage(self, state: FitState, name: str, *, fit_mapping: bool, fit_stars: bool,
+                  mapping_mask: jax.Array, star_mask, max_iterations: int, tolerance: float,
+                  line_search: bool = True) -> FitState:
+        """Gauss-Newton iterations until chi2 changes by less than `tolerance` (relative)."""
+        smask = self._effective_star_mask(state, star_mask)
+        if not fit_stars:
+            smask = jnp.zeros_like(smask)
+        mmask = mapping_mask if fit_mapping else jnp.zeros(self.layout.size)
+        weights, star_weights = jnp.asarray(state.weights), jnp.asarray(state.star_weights)
+        converged = False
+        for iteration in range(max_iterations):
+            t0 = time.perf_counter()
+            (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+            step = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
+                         (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights, star_weights,
+                         mmask, smask)
+            chi2_old = float(step.chi2)
+            if not math.isfinite(chi2_old):
+                raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
+                               "check the input for non-finite values or a first-guess WCS far off")
+            if not bool(step.cholesky_ok) or not np.all(np.isfinite(np.asarray(step.delta_mapping))):
+                raise self._singular(name, step, mmask)
+            alpha, chi2_new, trial = 1.0, math.inf, state
+            for _ in range(12 if line_search else 1):
+                trial = self._apply(state, pm, ps, step, alpha)
+                c_m, c_s = self.chi2(trial)
+                chi2_new = float(c_m.sum() + c_s.sum())
+                if chi2_new <= chi2_old * (1 + 1e-12) or not line_search:
+                    break
+                alpha /= 2
+            if not math.isfinite(chi2_new):
+                raise FitError(f"stage {name!r}: chi2 exploded to {chi2_new} at iteration {iteration}")
+            state.history.append({"stage": name, "iteration": iteration, "chi2": min(chi2_new, chi2_old),
+                                  "step_fraction": alpha, "seconds": time.perf_counter() - t0})
+            if chi2_new > chi2_old:  # no descent even for tiny steps: at the minimum
+                converged = True
+                break
+            state.mapping, state.stars = trial.mapping, trial.stars
+            log.debug("stage %s it %d chi2 %.6g -> %.6g (step %.3g)", name, iteration, chi2_old, chi2_new, alpha)
+            if chi2_old - chi2_new <= tolerance * max(chi2_new, 1e-300):
+                converged = True
+                break
+        if not converged:
+            log.warning("stage %s: not converged after %d iterations", name, max_iterations)
+            state.converged = False
+        return state
+
+    def _apply(self, state: FitState, pm, ps, step, alpha: float) -> FitState:
+        new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm) \
+            if self.layout.size else pm
+        new_ps = _star_unflat(_star_flat(ps) + alpha * step.delta_stars, ps)
+        mapping = eqx.combine(new_pm, eqx.filter(state.mapping, self.mapping_filter, inverse=True))
+        stars = eqx.combine(new_ps, eqx.filter(state.stars, self.star_filter, inverse=True))
+        return FitState(mapping, stars, state.weights, state.star_weights, state.history, state.converged,
+                        state.n_outliers, state.n_reference_outliers)
+
+    def _singular(self, name: str, step, mmask) -> SingularSystemError:
+        diag = np.asarray(step.reduced_diagonal)
+        free = np.asarray(mmask) > 0
+        scale = np.median(diag[free]) if free.any() else 1.0
+        weak = np.flatnonzero(free & (diag <= 1e-10 * scale))
+        names = self.parameter_names()
+        named = [names[i] for i in weak[:20]]
+        return SingularSystemError(
+            f"stage {name!r}: the normal equations are singular; {len(weak)} mapping parameter(s) have no "
+            f"constraint, e.g. {named[:5]}. Lower the polynomial order, add data, or freeze them.", named)
+
+    # -- outliers and statistics -----------------------------------------------------------------
+    def ndof(self, state: FitState, mapping_mask, star_mask) -> int:
+        n_res = self.residual_dim * float(np.sum(state.weights))
+        if self.problem.prior_dof is not None:
+            n_res += float(np.sum(state.star_weights * self.problem.prior_dof))
+        smask = np.asarray(self._effective_star_mask(state, star_mask))
+        return int(round(n_res - float(np.sum(np.asarray(mapping_mask))) - float(smask.sum())))
+
+    @functools.cached_property
+    def residual_dim(self) -> int:
+        """d: residual components per measurement (2 astrometry, 1 photometry)."""
+        (pm, sm), (ps, ss) = self.split(self.problem.mapping, self.problem.stars)
+        first = jax.tree.map(lambda a: a[:1], self.data)
+        idx = {k: v[:1] for k, v in self.system.index.items()}
+        shape = jax.eval_shape(lambda: measurement_terms(self.problem.residual_fn, (pm, sm), (ps, ss), first,
+                                                         idx, with_jacobian=False))
+        return int(shape.shape[1])
+
+    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int) -> tuple[int, int]:
+        """Reject, per star, the worst measurement or reference term beyond n_sigma.
+
+        The cut is the chi2 quantile (residual dimension d) with the two-sided Gaussian tail
+        probability of n_sigma, scaled by chi2/ndof when that exceeds 1 (errors too small).
+        Only one term per star goes per round: terms of one star interact through it.
+        """
+        c_m, c_s = self.chi2(state)
+        chi2 = c_m.sum() + c_s.sum()
+        scale = max(chi2 / max(ndof, 1), 1.0)
+        tail = special.erfc(n_sigma / np.sqrt(2.0))
+        cut_m = stats.chi2.isf(tail, self.residual_dim) * scale
+        star = np.asarray(self.problem.index["star"])
+        score_m = np.where(state.weights > 0, c_m / cut_m, 0.0)
+        score_s = np.zeros(self.n_stars)
+        if self.problem.prior_dof is not None:
+            k = np.maximum(self.problem.prior_dof, 1)
+            cut_s = stats.chi2.isf(tail, k) * scale
+            score_s = np.where(state.star_weights > 0, c_s / cut_s, 0.0)
+        worst = np.maximum(score_s, 0.0)
+        np.maximum.at(worst, star, score_m)
+        reject_m = (score_m > 1) & (score_m >= worst[star])
+        # one measurement per star: among ties keep the first
+        first = np.zeros(self.n_stars, bool)
+        idx = np.flatnonzero(reject_m)
+        _, keep = np.unique(star[idx], return_index=True)
+        reject_m[:] = False
+        reject_m[idx[keep]] = True
+        first[star[idx[keep]]] = True
+        reject_s = (score_s > 1) & (score_s >= worst) & ~first
+        state.weights = np.where(reject_m, 0.0, state.weights)
+        state.star_weights = np.where(reject_s, 0.0, state.star_weights)
+        return int(reject_m.sum()), int(reject_s.sum())
+
+    def covariance(self, state: FitState, mapping_mask, star_mask) -> np.ndarray:
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        smask = self._effective_star_mask(state, star_mask)
+        return np.asarray(_covariance(self.problem.residual_fn, self.problem.prior_fn, self.layout, (pm, sm),
+                                      (ps, ss), self.data, self.star_data, self.system,
+                                      jnp.asarray(state.weights), jnp.asarray(state.star_weights),
+                                      mapping_mask, smask))

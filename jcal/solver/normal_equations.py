@@ -1,0 +1,287 @@
+"""One Gauss-Newton step of a structured least-squares problem, on device (CPU or GPU).
+
+Unknowns: mapping parameters m (flat, N) and star parameters s (q per star). Residuals:
+- per measurement i, r_i(m_view_i, s_star(i)) of dimension d (2 astrometry, 1 photometry),
+  already whitened by the measurement error;
+- per star, r_s(s) (reference-catalog constraints), also whitened.
+
+J is never formed over all parameters: `jax.vmap(jax.jacrev(...))` gives each measurement's
+(d, P_local) block for the groups it touches and its (d, q) star block. Then
+
+    [H_mm  H_ms] [dm]   [b_m]          Schur complement over the stars (H_ss block-diagonal):
+    [H_sm  H_ss] [ds] = [b_s]    ->    (H_mm - H_ms H_ss^-1 H_sm) dm = b_m - H_ms H_ss^-1 b_s,
+                                       ds = H_ss^-1 (b_s - H_sm dm).
+
+H_mm is accumulated per block group (a detector-visit) as one batched matmul; the fill
+H_ms H_ss^-1 H_sm per spatial tile of stars as a dense matmul in tile-local coordinates; both
+are scattered as (p_k x p_l) windows into a block matrix, never element by element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+from jcal_models import gather
+
+from .layout import ParameterLayout
+
+
+class System(NamedTuple):
+    """Device arrays describing one problem's structure (see layout.py)."""
+
+    index: dict[str, jax.Array]  # group key -> (n,) group per measurement; includes "star"
+    columns: jax.Array  # (n, P_local) global mapping column per local column
+    block_members: jax.Array  # (B, M)
+    block_groups: jax.Array  # (B, n_leaves)
+    tile_stars: jax.Array  # (T, S_t) star in each tile slot (padding S)
+    tile_measurements: jax.Array  # (T, M_t)
+    tile_star_local: jax.Array  # (T, M_t)
+    tile_slots: tuple[jax.Array, ...]  # per leaf (T, M_t)
+    tile_groups: tuple[jax.Array, ...]  # per leaf (T, K_k)
+
+
+class Step(NamedTuple):
+    delta_mapping: jax.Array  # (N,)
+    delta_stars: jax.Array  # (S, q)
+    chi2: jax.Array  # at the current parameters
+    reduced_diagonal: jax.Array  # (N,) diagonal of the reduced system (to name degeneracies)
+    cholesky_ok: jax.Array  # bool
+
+
+def _flat_rows(tree, d: int) -> jax.Array:
+    """Concatenate the leaves of a Jacobian pytree into (d, P)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.concatenate([a.reshape(d, -1) for a in leaves], axis=1) if leaves else jnp.zeros((d, 0))
+
+
+def _star_view(tree, s):
+    return jax.tree.map(lambda a: a[s], tree)
+
+
+def measurement_terms(residual_fn: Callable, mapping, stars, data, index, with_jacobian: bool = True):
+    """Per-measurement residuals (n, d) and, optionally, Jacobian blocks (n, d, P) and (n, d, q).
+
+    `mapping` and `stars` are (params, static) pairs from `eqx.partition`.
+    """
+    (pm, sm), (ps, ss) = mapping, stars
+
+    def one(idx, datum):
+        def f(pm_view, ps_view):
+            model = eqx.combine(pm_view, gather(sm, idx))
+            star = eqx.combine(ps_view, _star_view(ss, idx["star"]))
+            return residual_fn(model, star, datum)
+
+        pm_view, ps_view = gather(pm, idx), _star_view(ps, idx["star"])
+        r = f(pm_view, ps_view)
+        if not with_jacobian:
+            return r
+        jm, js = jax.jacrev(f, argnums=(0, 1))(pm_view, ps_view)
+        return r, _flat_rows(jm, r.shape[0]), _flat_rows(js, r.shape[0])
+
+    return jax.vmap(one)(index, data)
+
+
+def star_terms(prior_fn: Callable | None, stars, star_data, with_jacobian: bool = True):
+    """Per-star prior residuals (S, k) and Jacobians (S, k, q) (reference constraints)."""
+    ps, ss = stars
+
+    def one(ps_view, ss_view, datum):
+        f = lambda p: prior_fn(eqx.combine(p, ss_view), datum)  # noqa: E731
+        r = f(ps_view)
+        if not with_jacobian:
+            return r
+        return r, _flat_rows(jax.jacrev(f)(ps_view), r.shape[0])
+
+    return jax.vmap(one)(ps, ss, star_data)
+
+
+def chi2_terms(residual_fn, prior_fn, mapping, stars, data, star_data, index, weights, star_weights):
+    """(n,) and (S,) chi2 contributions of measurements and star priors (weights applied)."""
+    r = measurement_terms(residual_fn, mapping, stars, data, index, with_jacobian=False)
+    chi2_m = weights * jnp.sum(r**2, axis=1)
+    if prior_fn is None:
+        return chi2_m, jnp.zeros(star_weights.shape)
+    rp = star_terms(prior_fn, stars, star_data, with_jacobian=False)
+    return chi2_m, star_weights * jnp.sum(rp**2, axis=1)
+
+
+def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs: jax.Array | None):
+    """Dense reduced normal matrix (N, N): H_mm - fill.
+
+    jm: (n, d, P) whitened, weighted, masked mapping Jacobians.
+    gs: (n, q, P) = L_s^-1 (J_s^T J_m) per measurement, or None when stars are fixed.
+    """
+    n_leaves = len(layout.row_sizes)
+    blocks = {(k, l): jnp.zeros((layout.n_groups[k], layout.n_groups[l], layout.row_sizes[k],
+                                 layout.row_sizes[l]))
+              for k in range(n_leaves) for l in range(n_leaves)}
+    pad_j = jnp.concatenate([jm, jnp.zeros((1,) + jm.shape[1:])], axis=0)
+
+    # H_mm: per block group, J^T J over its members (one batched matmul)
+    jb = pad_j[system.block_members]  # (B, M, d, P)
+    jb = jb.reshape(jb.shape[0], -1, jb.shape[-1])
+    hb = jnp.einsum("bmi,bmj->bij", jb, jb)  # (B, P, P)
+    splits = list(layout.local_offsets[1:])
+    for k, hk in enumerate(jnp.split(hb, splits, axis=1)):
+        for l, hkl in enumerate(jnp.split(hk, splits, axis=2)):
+            blocks[k, l] = blocks[k, l].at[system.block_groups[:, k], system.block_groups[:, l]].add(
+                hkl, mode="drop")
+
+    if gs is not None:
+        blocks = _subtract_fill(layout, system, gs, blocks)
+
+    rows = [jnp.concatenate([blocks[k, l].transpose(0, 2, 1, 3).reshape(
+        layout.n_groups[k] * layout.row_sizes[k], layout.n_groups[l] * layout.row_sizes[l])
+        for l in range(n_leaves)], axis=1) for k in range(n_leaves)]
+    return jnp.concatenate(rows, axis=0)
+
+
+def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, blocks: dict) -> dict:
+    """blocks -= sum over stars of B_s H_ss^-1 B_s^T, one spatial tile of stars at a time."""
+    q = gs.shape[1]
+    n_star_slots = int(system.tile_stars.shape[1])
+    pad_g = jnp.concatenate([gs, jnp.zeros((1,) + gs.shape[1:])], axis=0)
+    splits = list(layout.local_offsets[1:])
+    n_leaves = len(layout.row_sizes)
+
+    def one_tile(carry, tile):
+        meas, star_local, slots, groups = tile
+        g = pad_g[meas]  # (M, q, P)
+        phis = []
+        for k, gk in enumerate(jnp.split(g, splits, axis=2)):  # (M, q, p_k)
+            kk = groups[k].shape[0]
+            phi = jnp.zeros((kk, layout.row_sizes[k], n_star_slots, q))
+            phi = phi.at[slots[k], :, star_local, :].add(gk.transpose(0, 2, 1))
+            phis.append(phi.reshape(kk * layout.row_sizes[k], n_star_slots * q))
+        phi = jnp.concatenate(phis, axis=0)  # (N_tile, stars*q)
+        fill = phi @ phi.T
+        sizes = [groups[k].shape[0] * layout.row_sizes[k] for k in range(n_leaves)]
+        cuts = _cumsum(sizes)
+        new = dict(carry)
+        for k, fk in enumerate(jnp.split(fill, cuts, axis=0)):
+            for l, fkl in enumerate(jnp.split(fk, cuts, axis=1)):
+                kk, kl = groups[k].shape[0], groups[l].shape[0]
+                part = fkl.reshape(kk, layout.row_sizes[k], kl, layout.row_sizes[l]).transpose(0, 2, 1, 3)
+                new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(-part, mode="drop")
+        return new, None
+
+    tiles = (system.tile_measurements, system.tile_star_local, system.tile_slots, system.tile_groups)
+    blocks, _ = jax.lax.scan(one_tile, blocks, tiles)
+    return blocks
+
+
+def _cumsum(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for s in sizes[:-1]:
+        total += s
+        out.append(total)
+    return out
+
+
+def _star_cholesky(h_ss: jax.Array) -> jax.Array:
+    """Batched Cholesky of the (S, q, q) star blocks, with a tiny relative jitter."""
+    q = h_ss.shape[-1]
+    scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h_ss, axis1=1, axis2=2)), axis=1), 1.0)
+    return jnp.linalg.cholesky(h_ss + 1e-12 * scale[:, None, None] * jnp.eye(q))
+
+
+class Linearised(NamedTuple):
+    r: jax.Array  # (n, d) weighted residuals
+    jm: jax.Array  # (n, d, P) weighted, masked mapping Jacobian blocks
+    js: jax.Array  # (n, d, q) weighted, masked star Jacobian blocks
+    chi2: jax.Array
+    h_ss: jax.Array  # (S, q, q) star blocks, fixed parameters given identity rows
+    b_s: jax.Array  # (S, q) star right-hand side (-J_s^T r)
+
+
+def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
+              weights, star_weights, mapping_mask, star_mask) -> Linearised:
+    """Residuals, Jacobian blocks and the block-diagonal star part of the normal equations."""
+    star = system.index["star"]
+    n_stars = star_weights.shape[0]
+    r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index)
+    sw = jnp.sqrt(weights)[:, None]
+    r = r * sw
+    chi2 = jnp.sum(r**2)
+    jm = jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :]
+    js = js * sw[:, :, None] * star_mask[star][:, None, :]
+    h_ss = jax.ops.segment_sum(jnp.einsum("nda,ndb->nab", js, js), star, n_stars)
+    b_s = -jax.ops.segment_sum(jnp.einsum("nda,nd->na", js, r), star, n_stars)
+    if prior_fn is not None:
+        rp, jp = star_terms(prior_fn, stars, star_data)
+        spw = jnp.sqrt(star_weights)[:, None]
+        rp, jp = rp * spw, jp * spw[:, :, None] * star_mask[:, None, :]
+        chi2 = chi2 + jnp.sum(rp**2)
+        h_ss = h_ss + jnp.einsum("sda,sdb->sab", jp, jp)
+        b_s = b_s - jnp.einsum("sda,sd->sa", jp, rp)
+    h_ss = h_ss + jax.vmap(jnp.diag)(1.0 - star_mask)  # fixed star parameters: identity rows
+    return Linearised(r, jm, js, chi2, h_ss, b_s)
+
+
+def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
+    """C_i = J_m^T J_s (n, P, q) and G_i = L_s^-1 C_i^T (n, q, P): fill = sum_tiles Phi Phi^T."""
+    c = jnp.einsum("ndp,ndq->npq", lin.jm, lin.js)
+    gs = jax.vmap(lambda l, ct: solve_triangular(l, ct, lower=True))(l_s[star], c.transpose(0, 2, 1))
+    return c, gs
+
+
+def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: ParameterLayout,
+                      fit_mapping: bool, fit_stars: bool,
+                      mapping, stars, data, star_data, system: System,
+                      weights: jax.Array, star_weights: jax.Array,
+                      mapping_mask: jax.Array, star_mask: jax.Array) -> Step:
+    """Solve the normal equations for one Gauss-Newton step (minimising 0.5 |r|^2).
+
+    weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
+    change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
+    parameters and 0 for fixed ones (gauge, fitting stage).
+    """
+    star = system.index["star"]
+    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
+                    weights, star_weights, mapping_mask, star_mask)
+    l_s = _star_cholesky(lin.h_ss)
+    y_s = jax.vmap(lambda l, b: cho_solve((l, True), b))(l_s, lin.b_s)  # H_ss^-1 b_s
+
+    n_map = layout.size
+    if not fit_mapping or n_map == 0:
+        return Step(jnp.zeros(n_map), y_s * star_mask, lin.chi2, jnp.zeros(n_map),
+                    jnp.all(jnp.isfinite(y_s)))
+
+    b_local = -jnp.einsum("ndp,nd->np", lin.jm, lin.r)
+    c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
+    if fit_stars:
+        b_local = b_local - jnp.einsum("npq,nq->np", c, y_s[star])
+    b_m = jnp.zeros(n_map).at[system.columns].add(b_local)
+    h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
+    diag = jnp.diagonal(h)
+    # Jacobi scaling keeps Cholesky accurate when parameter scales differ by many decades
+    d = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    factor = jnp.linalg.cholesky(h * d[:, None] * d[None, :])
+    dm = d * cho_solve((factor, True), b_m * d)
+    ok = jnp.all(jnp.isfinite(factor))
+    if fit_stars:
+        back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, dm[system.columns]), star, y_s.shape[0])
+        ds = jax.vmap(lambda l, b: cho_solve((l, True), b))(l_s, lin.b_s - back)
+    else:
+        ds = jnp.zeros_like(y_s)
+    return Step(dm * mapping_mask, ds * star_mask, lin.chi2, diag, ok)
+
+
+def reduced_covariance(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
+                       system: System, weights, star_weights, mapping_mask, star_mask) -> jax.Array:
+    """(N, N) covariance of the mapping parameters marginalised over the stars: H_reduced^-1.
+
+    Fixed parameters get zero rows and columns.
+    """
+    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
+                    weights, star_weights, mapping_mask, star_mask)
+    _, gs = _fill_factors(lin, _star_cholesky(lin.h_ss), system.index["star"])
+    h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
+    free = (mapping_mask > 0)[:, None] & (mapping_mask > 0)[None, :]
+    return jnp.where(free, jnp.linalg.inv(h), 0.0)

@@ -1,0 +1,88 @@
+"""Astrometric model forms: pixel (x, y) -> sky (ra, dec) [deg], one point at a time.
+
+- `simple_astrometry`: one polynomial per detector-visit, pixels -> visit tangent plane.
+- `constrained_astrometry`: per-detector polynomial (pixels -> focal plane) composed with a
+  per-visit polynomial (focal plane -> visit tangent plane). The composition is degenerate
+  (an invertible map of the focal plane can move between the two); jcal fixes the gauge by
+  holding ONE reference detector's polynomial at its starting value (`gauge_groups`), which
+  pins the focal-plane frame for every visit that sees that detector - and through the
+  shared detectors, for all.
+Both end with the inverse gnomonic projection about each visit's tangent point.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .core import Grouped, Transform, fixed_field
+from .polynomial import Polynomial
+from .projection import tangent_to_sky
+
+
+class TangentPlaneToSky(Transform):
+    """Inverse gnomonic projection about a fixed tangent point."""
+
+    ra0: Float[Array, ""] = fixed_field()
+    dec0: Float[Array, ""] = fixed_field()
+
+    def __call__(self, xi, eta):
+        return tangent_to_sky(xi, eta, self.ra0, self.dec0)
+
+
+def _grouped_polynomial(coeffs, center, half_width, order: int, by: str) -> Grouped:
+    return Grouped(Polynomial(coeffs=jnp.asarray(coeffs), center=jnp.asarray(center),
+                              half_width=jnp.asarray(half_width), order=order), by=by)
+
+
+def _sky(tangent_ra, tangent_dec) -> Grouped:
+    return Grouped(TangentPlaneToSky(ra0=jnp.asarray(tangent_ra), dec0=jnp.asarray(tangent_dec)), by="visit")
+
+
+class SimpleAstrometry(Transform):
+    """pixels --[polynomial per detector-visit]--> visit tangent plane --> sky."""
+
+    ccd_visit: Grouped  # Polynomial, by "ccd_visit"
+    sky: Grouped  # TangentPlaneToSky, by "visit"
+
+    def __call__(self, x, y):
+        return self.sky(*self.ccd_visit(x, y))
+
+    gauge_groups = {}  # nothing degenerate: every polynomial is pinned by its own stars
+
+
+def simple_astrometry(coeffs: Float[Array, "ccd_visits 2 terms"], pixel_center, pixel_half_width,
+                      order: int, tangent_ra, tangent_dec) -> SimpleAstrometry:
+    return SimpleAstrometry(
+        ccd_visit=_grouped_polynomial(coeffs, pixel_center, pixel_half_width, order, "ccd_visit"),
+        sky=_sky(tangent_ra, tangent_dec),
+    )
+
+
+class ConstrainedAstrometry(Transform):
+    """pixels --[chip poly per detector]--> focal plane --[poly per visit]--> tangent plane --> sky."""
+
+    chip: Grouped  # Polynomial, by "detector"
+    visit: Grouped  # Polynomial, by "visit"
+    sky: Grouped  # TangentPlaneToSky, by "visit"
+    reference_detector: int = eqx.field(static=True, default=0)  # index held fixed (gauge)
+
+    def __call__(self, x, y):
+        return self.sky(*self.visit(*self.chip(x, y)))
+
+    @property
+    def gauge_groups(self) -> dict[str, list[int]]:
+        """Groups held fixed to remove the chip/visit degeneracy: {path: [group indices]}."""
+        return {"chip": [self.reference_detector]}
+
+
+def constrained_astrometry(chip_coeffs, chip_center, chip_half_width, chip_order: int,
+                           visit_coeffs, focal_center, focal_half_width, visit_order: int,
+                           tangent_ra, tangent_dec, reference_detector: int) -> ConstrainedAstrometry:
+    return ConstrainedAstrometry(
+        chip=_grouped_polynomial(chip_coeffs, chip_center, chip_half_width, chip_order, "detector"),
+        visit=_grouped_polynomial(visit_coeffs, focal_center, focal_half_width, visit_order, "visit"),
+        sky=_sky(tangent_ra, tangent_dec),
+        reference_detector=reference_detector,
+    )

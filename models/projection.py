@@ -1,0 +1,32 @@
+"""Gnomonic (TAN) projection, as in FITS WCS with the default LONPOLE = 180 deg.
+
+(xi, eta) are intermediate world coordinates in degrees: xi grows towards east (increasing
+RA), eta towards north, both zero at the tangent point.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+DEG = jnp.pi / 180.0
+
+
+def sky_to_tangent(ra, dec, ra0, dec0):
+    """Project (ra, dec) [deg] onto the plane tangent at (ra0, dec0); returns (xi, eta) [deg]."""
+    a, d, a0, d0 = ra * DEG, dec * DEG, ra0 * DEG, dec0 * DEG
+    cos_d, sin_d, cos_d0, sin_d0 = jnp.cos(d), jnp.sin(d), jnp.cos(d0), jnp.sin(d0)
+    cos_da = jnp.cos(a - a0)
+    denom = sin_d * sin_d0 + cos_d * cos_d0 * cos_da
+    xi = cos_d * jnp.sin(a - a0) / denom
+    eta = (sin_d * cos_d0 - cos_d * sin_d0 * cos_da) / denom
+    return xi / DEG, eta / DEG
+
+
+def tangent_to_sky(xi, eta, ra0, dec0):
+    """Inverse of `sky_to_tangent`: (xi, eta) [deg] about (ra0, dec0) -> (ra, dec) [deg]."""
+    x, y, a0, d0 = xi * DEG, eta * DEG, ra0 * DEG, dec0 * DEG
+    cos_d0, sin_d0 = jnp.cos(d0), jnp.sin(d0)
+    denom = cos_d0 - y * sin_d0
+    ra = a0 + jnp.arctan2(x, denom)
+    dec = jnp.arctan2(sin_d0 + y * cos_d0, jnp.hypot(x, denom))
+    return jnp.mod(ra / DEG, 360.0), dec / DEG
