@@ -13,22 +13,26 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
 2. **Projection**: every detection goes to the sky through the first-guess WCS of its
    detector-visit (pixels are 0-based, so ``origin=0``).
 3. **Grouping** (one detection per visit per star, independent of input order):
-   friends-of-friends on 3-D unit vectors, linking detections of *different* visits within
-   ``match_radius_arcsec``. A group that still holds two detections of one visit (two close
-   stars chained together, or a doubly detected star) is split by re-running
-   friends-of-friends on its members with half the radius, repeatedly (down to 1/64 of
-   the radius): close-but-distinct stars separate cleanly at the scale of their
-   separation. Whatever is still ambiguous after that (detections within ~1/64 of the
+   friends-of-friends on 3-D unit vectors, linking each detection to its nearest (up to 16)
+   detections of *other* visits within ``match_radius_arcsec``. A group that still holds
+   two detections of one visit (two close stars chained together, or a doubly detected
+   star) is split by re-running friends-of-friends on its members with half the radius,
+   repeatedly (down to 1/64 of the radius): close-but-distinct stars separate cleanly at
+   the scale of their separation. Whatever is still ambiguous after that (detections within ~1/64 of the
    radius of each other) is resolved by keeping, per visit, the detection closest to the
    group's mean position; the others are regrouped among themselves the same way.
    Detections are processed in a canonical, content-based order (visit, detector, y, x,
    flux, source id), so shuffling the input catalog only relabels the result.
-   Stars with fewer than ``config.min_measurements`` detections are dropped.
+   Stars are numbered by their first detection in that order, so even the numbering is
+   reproducible. Stars with fewer than ``config.min_measurements`` detections are dropped.
 4. **Reference matching**: reference positions are carried to each star's mean epoch with
    their proper motion (when present), then each star takes its nearest reference star
    within ``ref_match_radius_arcsec``; if several stars claim the same reference star the
    nearest keeps it and the others stay unmatched (one-to-one, no second choices: a loser
-   is usually a blend or a spurious detection).
+   is usually a blend or a spurious detection). Proper motions are used for matching
+   whenever pmra/pmdec are finite, whatever `config.proper_motion` says: it only decides
+   whether the fit models them. The reference stars considered are those on or near the
+   detector-visits with selected detections.
 5. **Checks**: clear `InputError`s for input that cannot be fitted (nothing selected, a
    single visit, no overlap between visits, no reference match at all); warnings name the
    detector-visits whose detections associate with nothing.
@@ -54,6 +58,8 @@ log = logging.getLogger("jcal.associate")
 _ARCSEC = np.pi / (180.0 * 3600.0)  # radians per arcsec
 _MAS = _ARCSEC / 1000.0
 _SPLIT_HALVINGS = 6  # split ambiguous groups down to radius / 2**6 before the fallback rule
+_MAX_NEIGHBOURS = 16  # friends-of-friends links per detection (nearest first)
+_QUERY_CHUNK = 1 << 18  # detections per KD-tree query batch
 _REF_CANDIDATES = 8  # nearest reference stars examined per fitted star (slow movers)
 _MAX_NAMED = 20  # detector-visits named in one warning
 
@@ -186,6 +192,36 @@ def _relabel_subset(labels: np.ndarray, nodes: np.ndarray, pairs: np.ndarray) ->
     return labels
 
 
+def _neighbour_pairs(xyz: np.ndarray, visit: np.ndarray, chord: float) -> tuple[np.ndarray, np.ndarray]:
+    """Links of the friends-of-friends graph: (p, 2) pairs i < j and their (p,) chord lengths.
+
+    Each detection is linked to its nearest (up to _MAX_NEIGHBOURS) detections of *other*
+    visits within `chord`. All pairs within the radius would number ~visits^2 per star;
+    nearest neighbours keep memory linear in detections while a star's own detections,
+    being each other's nearest neighbours, stay connected.
+    """
+    n = xyz.shape[0]
+    k = min(_MAX_NEIGHBOURS + 1, n)  # +1: a point is its own nearest neighbour
+    tree = cKDTree(xyz)
+    keys = []
+    for start in range(0, n, _QUERY_CHUNK):  # bounded (chunk, k) temporaries
+        stop = min(start + _QUERY_CHUNK, n)
+        _, j = tree.query(xyz[start:stop], k=k, distance_upper_bound=chord * (1 + 1e-12))
+        j = j.reshape(stop - start, k)
+        i = np.broadcast_to(np.arange(start, stop)[:, None], j.shape)
+        ok = j < n
+        i, j = i[ok], j[ok]
+        ok = visit[i] != visit[j]  # one visit never sees a star twice (also drops i == j)
+        i, j = i[ok], j[ok]
+        keys.append(np.minimum(i, j) * n + np.maximum(i, j))  # undirected edge id
+    key = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    key = key[_first_of_runs(key)]  # (np.unique's hash path is several times slower here)
+    pairs = np.stack([key // n, key % n], axis=1).astype(np.int64)
+    dist = np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1)
+    keep = dist <= chord
+    return pairs[keep], dist[keep]
+
+
 def _group(xyz: np.ndarray, visit: np.ndarray, radius_rad: float) -> tuple[np.ndarray, int]:
     """Group detections of one star across visits; see the module docstring for the rule.
 
@@ -193,10 +229,7 @@ def _group(xyz: np.ndarray, visit: np.ndarray, radius_rad: float) -> tuple[np.nd
     number of friends-of-friends groups that had to be split).
     """
     n = xyz.shape[0]
-    tree = cKDTree(xyz)
-    pairs = tree.query_pairs(float(_chord(radius_rad)), output_type="ndarray").astype(np.int64)  # (p, 2)
-    pairs = pairs[visit[pairs[:, 0]] != visit[pairs[:, 1]]]  # one visit never sees a star twice
-    dist = np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1)  # (p,) chord
+    pairs, dist = _neighbour_pairs(xyz, visit, float(_chord(radius_rad)))
     labels = _components(n, pairs)
 
     bad = _duplicated_groups(labels, visit)
@@ -257,14 +290,18 @@ def _project(data: InputData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return ra, dec
 
 
-def _collect_references(data: InputData, ccd_keys: np.ndarray, ref_xyz: np.ndarray) -> np.ndarray:
-    """(r,) bool: reference stars inside at least one detector-visit's pixel bounding box.
+def _collect_references(data: InputData, ccd_keys: np.ndarray,
+                        ref_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference stars on (and near) the detector-visits with selected detections.
 
-    ccd_keys: (k, 2) (visit, detector) pairs with selected detections. A cap around each
-    detector (centre to farthest corner, +10%) picks candidates, whose pixel position
-    through the first-guess WCS is then checked against the detector bounds.
+    ccd_keys: (k, 2) (visit, detector) pairs. A cap around each detector (centre to
+    farthest corner, +10%) picks candidates ("near", used for matching so that stars at a
+    detector edge keep their reference star), whose pixel position through the first-guess
+    WCS is then checked against the detector bounds ("inside", the footprint count).
+    Returns ((r,) bool inside, (r,) bool near).
     """
-    collected = np.zeros(ref_xyz.shape[0], dtype=bool)
+    inside = np.zeros(ref_xyz.shape[0], dtype=bool)
+    near = np.zeros(ref_xyz.shape[0], dtype=bool)
     tree = cKDTree(ref_xyz)
     for visit, detector in ccd_keys.tolist():
         ccd = data.ccd_visits[(visit, detector)]
@@ -275,14 +312,15 @@ def _collect_references(data: InputData, ccd_keys: np.ndarray, ref_xyz: np.ndarr
             continue
         cap = 1.1 * _angle(cxyz[:1], cxyz[1:]).max()
         cand = np.asarray(tree.query_ball_point(cxyz[0], float(_chord(cap))), dtype=np.int64)
-        cand = cand[~collected[cand]]
+        near[cand] = True
+        cand = cand[~inside[cand]]
         if cand.size == 0:
             continue
         ra, dec = _to_radec(ref_xyz[cand])
         x, y = ccd.wcs.all_world2pix(ra, dec, 0, quiet=True)
-        inside = (x >= -0.5) & (x <= ccd.nx - 0.5) & (y >= -0.5) & (y <= ccd.ny - 0.5)
-        collected[cand[inside]] = True
-    return collected
+        on = (x >= -0.5) & (x <= ccd.nx - 0.5) & (y >= -0.5) & (y <= ccd.ny - 0.5)
+        inside[cand[on]] = True
+    return inside, near
 
 
 def _first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
@@ -441,17 +479,17 @@ def associate(data: InputData, config: FitConfig) -> Association:
     # 4. Reference matching.
     ref_xyz = _unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
     sel_keys = np.unique(np.stack([visit, detector], axis=1), axis=0)
-    collected = _collect_references(data, sel_keys, ref_xyz)
+    collected, near = _collect_references(data, sel_keys, ref_xyz)
     counts["reference_stars_total"] = len(ref)
     counts["reference_stars_collected"] = int(collected.sum())
-    coll_rows = np.flatnonzero(collected)
+    near_rows = np.flatnonzero(near)
     star_ref = np.full(n_stars, -1, dtype=np.int64)
     ref_at_star = np.full((n_stars, 3), np.nan)
-    if coll_rows.size:
+    if near_rows.size:
         sub_ref, ref_at_star = _match_references(
-            star_xyz, star_epoch, ref_xyz[coll_rows], ref.epoch[coll_rows], ref.pmra[coll_rows],
-            ref.pmdec[coll_rows], config.ref_match_radius_arcsec * _ARCSEC)
-        star_ref = np.where(sub_ref >= 0, coll_rows[np.maximum(sub_ref, 0)], -1)
+            star_xyz, star_epoch, ref_xyz[near_rows], ref.epoch[near_rows], ref.pmra[near_rows],
+            ref.pmdec[near_rows], config.ref_match_radius_arcsec * _ARCSEC)
+        star_ref = np.where(sub_ref >= 0, near_rows[np.maximum(sub_ref, 0)], -1)
     matched = star_ref >= 0
     counts["reference_stars_matched"] = int(matched.sum())
     log.info("reference: %d of %d reference stars in the footprint; %d stars matched within %g arcsec",

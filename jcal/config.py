@@ -41,6 +41,7 @@ class FitConfig:
     simple_order: int = 3  # simple: per detector-visit pixel -> tangent plane
     proper_motion: Literal["auto", "on", "off"] = "auto"  # auto: on when visits span > pm_min_baseline_years
     pm_min_baseline_years: float = 1.0
+    pm_prior_mas_yr: float = 10.0  # Gaussian prior width on proper motions of stars without a reference one
     reference_error_mas: float | None = None  # overrides (or supplies missing) refcat position errors
     astrometry_pedestal_mas: float = 0.0  # added in quadrature to every centroid error (on the sky)
 
@@ -79,7 +80,8 @@ class FitConfig:
         for name in ("min_snr", "astrometry_pedestal_mas", "flux_pedestal", "magnitude_pedestal",
                      "pm_min_baseline_years"):
             check(name, float(getattr(self, name)) >= 0, "a number >= 0")
-        for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance"):
+        for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance",
+                     "pm_prior_mas_yr"):
             check(name, float(getattr(self, name)) > 0, "a number > 0")
         check("reference_error_mas", self.reference_error_mas is None or self.reference_error_mas > 0,
               "None or a number > 0")

@@ -22,6 +22,7 @@ from .core import (  # noqa: E402
     Grouped,
     Transform,
     fixed_field,
+    evaluate,
     freeze,
     gather,
     group_keys,

@@ -49,7 +49,7 @@ class SimpleAstrometry(Transform):
     def __call__(self, x, y):
         return self.sky(*self.ccd_visit(x, y))
 
-    gauge_groups = {}  # nothing degenerate: every polynomial is pinned by its own stars
+    # No `fix_gauge`: nothing is degenerate, every polynomial is pinned by its own stars.
 
 
 def simple_astrometry(coeffs: Float[Array, "ccd_visits 2 terms"], pixel_center, pixel_half_width,
@@ -71,10 +71,18 @@ class ConstrainedAstrometry(Transform):
     def __call__(self, x, y):
         return self.sky(*self.visit(*self.chip(x, y)))
 
-    @property
-    def gauge_groups(self) -> dict[str, list[int]]:
-        """Groups held fixed to remove the chip/visit degeneracy: {path: [group indices]}."""
-        return {"chip": [self.reference_detector]}
+    def fix_gauge(self, mask):
+        """Hold the reference detector's polynomial: removes the chip/visit degeneracy.
+
+        `mask` is a 0/1 pytree shaped like the fitted parameters; returns it updated.
+        """
+        coeffs = mask.chip.inner.coeffs
+        return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, coeffs.at[self.reference_detector].set(0.0))
+
+    def first_stage(self, mask):
+        """The first fitting stage frees only the visit terms (as jointcal's "DistortionsVisit")."""
+        coeffs = mask.chip.inner.coeffs
+        return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, jnp.zeros_like(coeffs))
 
 
 def constrained_astrometry(chip_coeffs, chip_center, chip_half_width, chip_order: int,

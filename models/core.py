@@ -133,3 +133,8 @@ def freeze(filter_tree: Any, where: Callable[[Any], Any]) -> Any:
 def n_parameters(params: Any) -> int:
     """Number of scalar parameters in a (partitioned) parameter pytree."""
     return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def evaluate(model: Transform, index: dict[str, jax.Array], x: jax.Array, y: jax.Array):
+    """Evaluate a model form on arrays: measurement i uses groups `index[key][i]`."""
+    return jax.vmap(lambda idx, xi, yi: gather(model, idx)(xi, yi))(index, x, y)

@@ -63,7 +63,8 @@ def make_data(per_visit: dict[int, tuple[np.ndarray, np.ndarray]], ref_ra, ref_d
                               pmra_err=None if pmra is None else np.full(r, 0.1),
                               pmdec_err=None if pmdec is None else np.full(r, 0.1))
     visit_ids = sorted(per_visit)
-    visits = VisitTable(visit=visit_ids, mjd=[mjd_of(year)] * len(visit_ids), band=["r"] * len(visit_ids))
+    years = [year[v] if isinstance(year, dict) else year for v in visit_ids]
+    visits = VisitTable(visit=visit_ids, mjd=[mjd_of(y) for y in years], band=["r"] * len(visit_ids))
     return InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat, visits=visits)
 
 
@@ -206,6 +207,23 @@ def test_proper_motion_carries_reference_to_the_visit_epoch():
     b = associate(data_nopm, FitConfig())
     assert b.counts["reference_stars_matched"] == 2
     assert b.star_ref.tolist().count(-1) == 1
+
+
+def test_fast_mover_over_a_long_baseline():
+    # 500 mas/yr east; reference epoch 2016, visits in 2020 and 2028 (mean epoch 2024).
+    ra, dec = three_stars()
+    pmra, pmdec = np.array([500.0, 0.0, 0.0]), np.zeros(3)
+    per_visit = {}
+    for visit, year in ((1, 2020.0), (2, 2028.0)):
+        r, d = ra.copy(), dec.copy()
+        r[0], d[0] = offset(ra[0], dec[0], 0.5 * (year - 2016.0), 0.0)
+        per_visit[visit] = (r, d)
+    data = make_data(per_visit, ra, dec, year={1: 2020.0, 2: 2028.0}, ref_epoch=2016.0, pmra=pmra, pmdec=pmdec)
+    a = associate(data, FitConfig(match_radius_arcsec=5.0))
+    assert a.n_stars == 3 and a.counts["reference_stars_matched"] == 3
+    np.testing.assert_allclose(a.star_epoch, 2024.0)
+    for s in range(3):
+        assert a.star_ref[s] == a.source_index[a.star == s][0]
 
 
 def test_two_stars_claiming_one_reference_nearest_wins():

@@ -94,8 +94,13 @@ class _TableFile:
         meta = {str(k).lower(): str(v) for k, v in table.meta.items() if not isinstance(v, (dict, list))}
         return cls(path, list(table.colnames), meta, table)
 
-    def missing(self, name: str) -> InputError:
-        close = difflib.get_close_matches(name, self.columns, n=1, cutoff=0.5)
+    def missing(self, name: str, taken: tuple[str, ...] = ()) -> InputError:
+        # Suggest from the columns that are not already some other required column, case first.
+        spare = [c for c in self.columns if c not in taken]
+        same_case = [c for c in spare if c.lower() == name.lower()]
+        lowered = {c.lower(): c for c in spare}
+        close = same_case or [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=1,
+                                                                            cutoff=0.6)]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return InputError(f"{self.path}: missing required column {name!r}{hint}; "
                           f"available columns: {self.columns}")
@@ -104,7 +109,7 @@ class _TableFile:
         """Read `required` (InputError if absent or null) and the present `optional` columns."""
         for name in required:
             if name not in self.columns:
-                raise self.missing(name)
+                raise self.missing(name, taken=tuple(required))
         names = [*required, *(n for n in optional if n in self.columns)]
         out: dict[str, np.ndarray] = {}
         if self._table is None:
@@ -294,7 +299,17 @@ def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int
             raise InputError(f"{path}: no detector size (NAXIS1/NAXIS2 or IMAGEW/IMAGEH) and no "
                              f"camera.ecsv row for detector {detector}")
         nx, ny = camera_size[detector]
+    if wcs.pixel_shape is None or 0 in wcs.pixel_shape:
+        wcs.pixel_shape = (int(nx), int(ny))  # so that wcs.footprint & co. know the detector
     return wcs, int(nx), int(ny)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct (a, b) pairs; 1-d uniques on a combined key (much faster than axis=0)."""
+    au, ai = np.unique(a, return_inverse=True)
+    bu, bi = np.unique(b, return_inverse=True)
+    key = np.unique(ai.astype(np.int64) * bu.size + bi)
+    return list(zip(au[key // bu.size].tolist(), bu[key % bu.size].tolist()))
 
 
 def read_input(path: str | os.PathLike) -> InputData:
@@ -333,9 +348,8 @@ def read_input(path: str | os.PathLike) -> InputData:
     wcs_dir = root / "wcs"
     if not wcs_dir.is_dir():
         raise InputError(f"{root}: missing required directory wcs/ (first-guess WCS per detector-visit)")
-    pairs = np.unique(np.stack([sources.visit, sources.detector], axis=1), axis=0)
     ccd_visits: dict[tuple[int, int], CcdVisit] = {}
-    for visit, detector in pairs.tolist():
+    for visit, detector in _unique_pairs(sources.visit, sources.detector):
         wcs_path = wcs_dir / wcs_filename(visit, detector)
         if not wcs_path.is_file():
             raise InputError(f"{wcs_path}: missing WCS file for (visit, detector) = ({visit}, {detector}), "

@@ -316,8 +316,8 @@ def select_sources(cols: Mapping[str, np.ndarray], flux_type: str, selection: Ls
     uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     ukeys = [(int(v), int(d)) for v, d in uniq]
-    for i, key in enumerate(ukeys):
-        counts.add(key, "read", int(np.sum(inverse == i)))
+    for key, n_read in zip(ukeys, np.bincount(inverse, minlength=len(ukeys))):
+        counts.add(key, "read", int(n_read))
 
     def cut(reason: str, bad: np.ndarray) -> None:
         drop = keep & bad

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
@@ -93,10 +92,9 @@ def _fit_poly(u: np.ndarray, v: np.ndarray, targets: np.ndarray, terms: list[tup
     u, v: (n,); targets: (n, t). Returns (len(terms), t) coefficients of raw u^p v^q.
     """
     design = _monomials(u / su, v / sv, terms)  # (n, k), entries in [-1, 1]
-    # Householder QR: backward stable (no squared condition number as with normal
-    # equations) and much cheaper than the SVD of np.linalg.lstsq.
-    q, r = np.linalg.qr(design)
-    coef = scipy.linalg.solve_triangular(r, q.T @ targets)
+    # SVD least squares on the scaled design: no squared condition number as with normal
+    # equations, and near-degenerate high-order terms cannot blow up.
+    coef, *_ = np.linalg.lstsq(design, targets, rcond=None)
     scale = np.array([su**p * sv**q for p, q in terms])[:, None]
     return coef / scale
 
@@ -217,6 +215,10 @@ def fit_tan_sip(pixel_to_sky: PixelToSky, nx: int, ny: int, crval: tuple[float, 
         raise ValueError(f"fit_tan_sip: detector size must be positive, got {nx} x {ny}")
     if order is not None and order < 1:
         raise ValueError(f"fit_tan_sip: order must be >= 1, got {order}")
+    highest = order if order is not None else max(max_order, 2)
+    if grid < highest + 3:  # the inverse (order + 1) needs more grid lines than its order
+        raise ValueError(f"fit_tan_sip: grid = {grid} is too coarse for SIP order {highest}; "
+                         f"use grid >= {highest + 3}")
     x0, y0 = (nx - 1) / 2.0, (ny - 1) / 2.0  # 0-based centre; CRPIX = centre + 1
     su, sv = max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)  # |u| <= su over [-0.5, nx - 0.5]
 
@@ -226,7 +228,8 @@ def fit_tan_sip(pixel_to_sky: PixelToSky, nx: int, ny: int, crval: tuple[float, 
 
     def sky(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ra, dec = pixel_to_sky(x, y)
-        ra, dec = np.asarray(ra, dtype=np.float64).reshape(x.shape), np.asarray(dec, dtype=np.float64).reshape(x.shape)
+        ra = np.asarray(ra, dtype=np.float64).reshape(x.shape)
+        dec = np.asarray(dec, dtype=np.float64).reshape(x.shape)
         if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
             raise ValueError("fit_tan_sip: pixel_to_sky returned non-finite positions on the detector")
         return ra, dec
@@ -245,18 +248,21 @@ def fit_tan_sip(pixel_to_sky: PixelToSky, nx: int, ny: int, crval: tuple[float, 
     xi, eta = _gnomonic(ra_f, dec_f, crval)
 
     orders = [order] if order is not None else list(range(2, max(max_order, 2) + 1))
+    best = None  # (rms, max, inverse max, header) of the most accurate order so far
     for k in orders:
-        cd, fwd_terms, fwd, inv_terms, inv = _fit_order(
-            xf - x0, yf - y0, xi, eta, k, const, su, sv)
+        cd, fwd_terms, fwd, inv_terms, inv = _fit_order(xf - x0, yf - y0, xi, eta, k, const, su, sv)
         header = _header(nx, ny, (x0 + 1.0, y0 + 1.0), crval, cd, k, fwd_terms, fwd, inv_terms, inv)
         rms, mx, inv_max = measure_wcs_error(header, xc, yc, ra_c, dec_c)
         log.debug("TAN-SIP order %d: rms %.3g mas, max %.3g mas, inverse max %.3g px", k, rms, mx, inv_max)
+        if best is None or rms < best[0]:
+            best = (rms, mx, inv_max, header)
         if rms < target_mas:
             break
     else:
-        if order is None:
-            log.warning("TAN-SIP approximation reaches only %.3g mas RMS (target %.3g) at max order %d",
-                        rms, target_mas, orders[-1])
+        if order is None:  # keep the best order (higher ones can be worse: noise, conditioning)
+            log.warning("TAN-SIP approximation reaches only %.3g mas RMS (target %.3g) up to order %d",
+                        best[0], target_mas, orders[-1])
+    rms, mx, inv_max, header = best
     # 6 significant digits: the value reads back from the file exactly as returned.
     rms, mx, inv_max = (float(f"{v:.6g}") for v in (rms, mx, inv_max))
     header["JCAL_RMS"] = (rms, "[mas] RMS sky error of this WCS vs jcal model")
@@ -281,6 +287,9 @@ def write_wcs_fits(header: fits.Header, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should look like any file
     try:
         hdu.writeto(tmp, overwrite=True)
         os.replace(tmp, path)

@@ -26,7 +26,8 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .layout import BlockGroups, ParameterLayout, Tiles
-from .normal_equations import System, chi2_terms, gauss_newton_step, measurement_terms, reduced_covariance
+from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, measurement_terms,
+                               reduced_covariance)
 
 log = logging.getLogger("jcal.solver")
 
@@ -73,6 +74,7 @@ class FitState:
 _step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
+_deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
 
 
 def _star_flat(stars_params) -> jax.Array:
@@ -250,36 +252,37 @@ class Solver:
                                                          idx, with_jacobian=False))
         return int(shape.shape[1])
 
-    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int) -> tuple[int, int]:
+    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int, star_mask) -> tuple[int, int]:
         """Reject, per star, the worst measurement or reference term beyond n_sigma.
 
-        The cut is the chi2 quantile (residual dimension d) with the two-sided Gaussian tail
-        probability of n_sigma, scaled by chi2/ndof when that exceeds 1 (errors too small).
-        Only one term per star goes per round: terms of one star interact through it.
+        Terms are scored by their leave-one-out chi2 (see `leave_one_out_chi2`) against the
+        chi2 quantile (residual dimension d) with the two-sided Gaussian tail probability of
+        n_sigma, scaled by chi2/ndof when that exceeds 1 (errors too small). Only one term per
+        star goes per round: terms of one star interact through it; stars do not interact.
         """
         c_m, c_s = self.chi2(state)
-        chi2 = c_m.sum() + c_s.sum()
-        scale = max(chi2 / max(ndof, 1), 1.0)
+        scale = max((c_m.sum() + c_s.sum()) / max(ndof, 1), 1.0)
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        d_m, d_s = (np.asarray(a) for a in _deleted_chi2(
+            self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data, self.star_data,
+            self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
+            jnp.zeros(self.layout.size), self._effective_star_mask(state, star_mask)))
         tail = special.erfc(n_sigma / np.sqrt(2.0))
-        cut_m = stats.chi2.isf(tail, self.residual_dim) * scale
         star = np.asarray(self.problem.index["star"])
-        score_m = np.where(state.weights > 0, c_m / cut_m, 0.0)
+        score_m = np.where(state.weights > 0, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
         score_s = np.zeros(self.n_stars)
         if self.problem.prior_dof is not None:
-            k = np.maximum(self.problem.prior_dof, 1)
-            cut_s = stats.chi2.isf(tail, k) * scale
-            score_s = np.where(state.star_weights > 0, c_s / cut_s, 0.0)
-        worst = np.maximum(score_s, 0.0)
+            cut_s = stats.chi2.isf(tail, np.maximum(self.problem.prior_dof, 1)) * scale
+            score_s = np.where(state.star_weights > 0, d_s / cut_s, 0.0)
+        worst = score_s.copy()
         np.maximum.at(worst, star, score_m)
-        reject_m = (score_m > 1) & (score_m >= worst[star])
-        # one measurement per star: among ties keep the first
-        first = np.zeros(self.n_stars, bool)
-        idx = np.flatnonzero(reject_m)
-        _, keep = np.unique(star[idx], return_index=True)
-        reject_m[:] = False
-        reject_m[idx[keep]] = True
-        first[star[idx[keep]]] = True
-        reject_s = (score_s > 1) & (score_s >= worst) & ~first
+        candidates = np.flatnonzero((score_m > 1) & (score_m >= worst[star]))
+        _, first = np.unique(star[candidates], return_index=True)  # one per star
+        reject_m = np.zeros(len(star), bool)
+        reject_m[candidates[first]] = True
+        has_rejected = np.zeros(self.n_stars, bool)
+        has_rejected[star[reject_m]] = True
+        reject_s = (score_s > 1) & (score_s >= worst) & ~has_rejected
         state.weights = np.where(reject_m, 0.0, state.weights)
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())

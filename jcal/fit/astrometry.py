@@ -1,0 +1,226 @@
+"""The astrometric fit: association in, fitted pixel->sky model and stars out.
+
+Residual of measurement i (star s seen at pixel (x, y) in visit v at epoch t):
+
+    r_i = W_i · tangent_offset(model_v,d(x, y), star_s(t))
+
+the offset [deg] of the model's sky position from the star's, in the plane tangent at the
+star, whitened by W_i (the centroid covariance carried to the sky through the model's local
+pixel Jacobian, plus an optional pedestal). The error model is refreshed between stages and
+held fixed during a stage, so each step solves a fixed weighted least-squares problem.
+A reference star adds (position at the catalog epoch - catalog position) / error, and
+(proper motion - catalog proper motion) / error when both exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jcal_models as jm
+from jcal_models import MAS, Stars, sky_to_tangent
+
+from ..associate import Association
+from ..config import FitConfig
+from ..data import InputData, InputError
+from ..solver import FitState, Solver, StructuredProblem
+from .initialise import initial_astrometric_model
+
+log = logging.getLogger("jcal.fit.astrometry")
+
+
+def astrometric_residual(model, star, m):
+    """Whitened 2-d residual of one measurement (see module docstring)."""
+    ra, dec = model(m["x"], m["y"])
+    ra_s, dec_s = star.position(m["epoch"])
+    xi, eta = sky_to_tangent(ra, dec, ra_s, dec_s)
+    return m["whiten"] @ jnp.stack([xi, eta])
+
+
+def reference_residual(star, ref):
+    """Whitened reference-catalog constraint of one star (zeros where there is none)."""
+    ra, dec = star.position(ref["epoch"])
+    xi, eta = sky_to_tangent(ra, dec, ref["ra"], ref["dec"])
+    position = jnp.stack([xi, eta]) / ref["position_err"] * ref["has_ref"]
+    if star.pm is None:
+        return position
+    motion = (star.pm - ref["pm"]) / ref["pm_err"] * ref["has_pm"]
+    return jnp.concatenate([position, motion])
+
+
+@jax.jit
+def _whitening(model, index, x, y, x_err, y_err, pedestal_deg):
+    """(n, 2, 2) W with W^T W = inverse sky covariance of each centroid."""
+
+    def one(idx, xi, yi, sx, sy):
+        view = jm.gather(model, idx)
+        ra0, dec0 = view(xi, yi)
+        jac = jnp.stack(jax.jacfwd(lambda p: jnp.stack(sky_to_tangent(*view(p[0], p[1]), ra0, dec0)))(
+            jnp.stack([xi, yi])))  # (2, 2): d(xi, eta) / d(x, y)
+        cov = jac @ jnp.diag(jnp.stack([sx**2, sy**2])) @ jac.T + pedestal_deg**2 * jnp.eye(2)
+        return jnp.linalg.inv(jnp.linalg.cholesky(cov))
+
+    return jax.vmap(one)(index, x, y, x_err, y_err)
+
+
+@dataclass
+class AstrometryFit:
+    """Everything the astrometric fit produced; see `jcal.FitResult` for the user-facing view."""
+
+    model: jm.Transform  # fitted pixel -> sky model (full, with group axes)
+    stars: Stars
+    association: Association
+    solver: Solver
+    state: FitState
+    mapping_mask: jax.Array
+    star_mask: np.ndarray
+    index: dict[str, np.ndarray]
+    chi2: float
+    ndof: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def chi2_per_measurement(self) -> np.ndarray:
+        return self.solver.chi2(self.state)[0]
+
+    def mapping_covariance(self) -> np.ndarray:
+        """(N, N) covariance of the mapping parameters, marginalised over the stars."""
+        return self.solver.covariance(self.state, self.mapping_mask, self.star_mask)
+
+
+def _proper_motion_wanted(data: InputData, assoc: Association, config: FitConfig) -> bool:
+    if config.proper_motion != "auto":
+        return config.proper_motion == "on"
+    epochs = data.visits.epoch[np.isin(data.visits.visit, assoc.visits)]
+    return float(np.ptp(epochs)) > config.pm_min_baseline_years
+
+
+def _reference_data(data: InputData, assoc: Association, config: FitConfig, epoch0: float):
+    ref = data.refcat
+    has = assoc.star_ref >= 0
+    r = np.where(has, assoc.star_ref, 0)
+    err_ra = config.reference_error_mas if config.reference_error_mas is not None else ref.ra_err[r]
+    err_dec = config.reference_error_mas if config.reference_error_mas is not None else ref.dec_err[r]
+    n = len(has)
+    has_pm = has & ref.has_proper_motion[r]
+    star_data = {
+        "ra": np.where(has, ref.ra[r], assoc.star_ra),
+        "dec": np.where(has, ref.dec[r], assoc.star_dec),
+        "epoch": np.where(has, ref.epoch[r], epoch0),
+        "position_err": np.stack([np.broadcast_to(err_ra, n), np.broadcast_to(err_dec, n)], 1) * MAS,
+        "has_ref": has.astype(float),
+        "pm": np.stack([np.where(has_pm, ref.pmra[r], 0.0), np.where(has_pm, ref.pmdec[r], 0.0)], 1) * MAS,
+        # stars without a catalog proper motion get a broad prior around 0: a star seen at two
+        # epochs then still constrains the mapping, with its motion's uncertainty accounted for
+        "pm_err": np.stack([np.where(has_pm, ref.pmra_err[r], config.pm_prior_mas_yr),
+                            np.where(has_pm, ref.pmdec_err[r], config.pm_prior_mas_yr)], 1) * MAS,
+        "has_pm": np.ones(n),
+    }
+    if not np.all(np.isfinite(star_data["position_err"][has])):
+        raise InputError("refcat: matched reference stars have no position errors; set "
+                         "config.reference_error_mas")
+    return star_data, has, has_pm
+
+
+def _initial_stars(data: InputData, assoc: Association, epoch0: float, proper_motion: bool) -> Stars:
+    """Start matched stars at their reference position (carried to epoch0), others at the mean."""
+    ra = np.where(np.isfinite(assoc.star_ref_ra), assoc.star_ref_ra, assoc.star_ra)
+    dec = np.where(np.isfinite(assoc.star_ref_dec), assoc.star_ref_dec, assoc.star_dec)
+    return Stars.at(ra, dec, np.full(len(ra), epoch0), proper_motion)
+
+
+def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, model: jm.Transform | None = None,
+                   mapping_filter=None, progress=None) -> AstrometryFit:
+    """Staged Gauss-Newton fit with outlier rejection (jointcal's recipe, vectorised)."""
+    t_start = time.perf_counter()
+    visit_epoch = dict(zip(data.visits.visit.tolist(), data.visits.epoch.tolist()))
+    src = data.sources
+    rows = assoc.source_index
+    epoch = np.array([visit_epoch[v] for v in assoc.visits])[assoc.visit_index]
+    epoch0 = float(np.round(np.mean(epoch), 3))
+    proper_motion = _proper_motion_wanted(data, assoc, config)
+    if model is None:
+        model = initial_astrometric_model(data, assoc, config)
+    stars = _initial_stars(data, assoc, epoch0, proper_motion)
+    star_data, has_ref, has_pm = _reference_data(data, assoc, config, epoch0)
+
+    index = {"star": assoc.star, "visit": assoc.visit_index, "detector": assoc.detector_index,
+             "ccd_visit": assoc.ccd_visit_index}
+    mdata = {"x": src.x[rows], "y": src.y[rows], "epoch": epoch, "whiten": np.zeros((len(rows), 2, 2))}
+    star_xyz = _unit_vectors(assoc.star_ra, assoc.star_dec)
+    prior_dof = 2 * has_ref + (2 if proper_motion else 0)
+    problem = StructuredProblem(astrometric_residual, reference_residual, model, stars, mdata, star_data, index,
+                                star_xyz, prior_dof=prior_dof.astype(float), mapping_filter=mapping_filter)
+    solver = Solver(problem)
+    log.info("astrometry: %d measurements, %d stars (%d with reference), %d mapping + %d star parameters",
+             solver.n_measurements, solver.n_stars, has_ref.sum(), solver.sizes["mapping_parameters"],
+             solver.sizes["star_parameters"])
+
+    # masks: gauge (model-specific) and per-star proper-motion freedom
+    pm_params, _ = eqx.partition(model, solver.mapping_filter)
+    ones = jax.tree.map(jnp.ones_like, pm_params)
+    gauge = getattr(model, "fix_gauge", None)
+    mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
+    star_mask = np.ones((solver.n_stars, 4 if proper_motion else 2))
+
+    weights = np.ones(solver.n_measurements)
+    state = FitState(model, stars, weights, np.maximum(has_ref, proper_motion).astype(float))
+    stage_seconds: dict[str, float] = {}
+
+    def refresh_errors():
+        ped = config.astrometry_pedestal_mas * MAS
+        idx = {k: jnp.asarray(v) for k, v in index.items() if k != "star"}
+        w = _whitening(state.mapping, idx, jnp.asarray(mdata["x"]), jnp.asarray(mdata["y"]),
+                       jnp.asarray(src.x_err[rows]), jnp.asarray(src.y_err[rows]), ped)
+        solver.data = dict(solver.data, whiten=w)
+
+    def stage(name, fit_mapping, fit_stars, mmask, only_reference=False):
+        t0 = time.perf_counter()
+        refresh_errors()
+        saved = state.weights
+        if only_reference and has_ref.sum() >= 3:
+            state.weights = saved * has_ref[assoc.star]
+        new = solver.run_stage(state, name, fit_mapping=fit_mapping, fit_stars=fit_stars, mapping_mask=mmask,
+                               star_mask=star_mask, max_iterations=config.max_iterations,
+                               tolerance=config.tolerance, line_search=config.line_search)
+        new.weights = saved
+        stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        if progress:
+            progress(f"astrometry {name}", new.history[-1]["chi2"] if new.history else float("nan"))
+        return new
+
+    first_stage = getattr(model, "first_stage", None)
+    if first_stage is not None:  # e.g. visit terms only, detectors held
+        state = stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)), True)
+    state = stage("mappings", True, False, mapping_mask, True)
+    state = stage("stars", False, True, mapping_mask)
+    state = stage("all", True, True, mapping_mask)
+    for _ in range(config.max_outlier_rounds):
+        ndof = solver.ndof(state, mapping_mask, star_mask)
+        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask)
+        state.n_outliers += n_meas
+        state.n_reference_outliers += n_ref
+        log.info("astrometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
+        if n_meas + n_ref == 0:
+            break
+        state = stage("all", True, True, mapping_mask)
+    else:
+        if config.max_outlier_rounds:
+            log.warning("astrometry: outlier rejection still finding outliers after %d rounds",
+                        config.max_outlier_rounds)
+            state.converged = False
+    c_m, c_s = solver.chi2(state)
+    ndof = solver.ndof(state, mapping_mask, star_mask)
+    stage_seconds["total"] = time.perf_counter() - t_start
+    return AstrometryFit(state.mapping, state.stars, assoc, solver, state, mapping_mask, star_mask, index,
+                         float(c_m.sum() + c_s.sum()), ndof, stage_seconds)
+
+
+def _unit_vectors(ra, dec) -> np.ndarray:
+    a, d = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=1)
