@@ -88,6 +88,13 @@ class AstrometryFit:
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
 
+    def star_errors(self) -> dict[str, np.ndarray]:
+        """1-sigma errors of the fitted stars (mas, mas/yr), mapping held fixed."""
+        cov = self.solver.star_covariance(self.state, self.star_mask)
+        sd = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0)) / MAS
+        names = ["ra", "dec", "pm_ra", "pm_dec"][: sd.shape[1]]
+        return {name: sd[:, i] for i, name in enumerate(names)}
+
     def mapping_covariance(self) -> np.ndarray:
         """(N, N) covariance of the mapping parameters, marginalised over the stars."""
         return self.solver.covariance(self.state, self.mapping_mask, self.star_mask)

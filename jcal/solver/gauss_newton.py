@@ -26,8 +26,8 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .layout import BlockGroups, ParameterLayout, Tiles
-from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, measurement_terms,
-                               reduced_covariance)
+from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, linearise,
+                               measurement_terms, reduced_covariance)
 
 log = logging.getLogger("jcal.solver")
 
@@ -75,6 +75,7 @@ _step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
 _deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
+_linearise = jax.jit(linearise, static_argnums=(0, 1))
 
 
 def _star_flat(stars_params) -> jax.Array:
@@ -294,3 +295,13 @@ class Solver:
                                       (ps, ss), self.data, self.star_data, self.system,
                                       jnp.asarray(state.weights), jnp.asarray(state.star_weights),
                                       mapping_mask, smask))
+
+    def star_covariance(self, state: FitState, star_mask) -> np.ndarray:
+        """(S, q, q) covariance of each star's parameters with the mapping held at its fit
+        (the conditional covariance; the mapping adds a little, see `covariance`)."""
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        smask = self._effective_star_mask(state, star_mask)
+        lin = _linearise(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
+                         self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
+                         jnp.zeros(self.layout.size), smask)
+        return np.asarray(jnp.linalg.inv(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]

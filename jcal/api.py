@@ -1,0 +1,48 @@
+"""`jcal.fit`: the one call that runs a whole calibration on in-memory data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jcal_models as jm
+
+from .associate import associate
+from .config import FitConfig
+from .data import InputData
+from .fit.astrometry import fit_astrometry
+from .result import FitResult
+
+log = logging.getLogger("jcal")
+
+
+def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: jm.Transform | None = None,
+        mapping_filter=None, progress=None) -> FitResult:
+    """Associate, then fit astrometry and/or photometry as `config` asks.
+
+    astrometry_model: a starting model of any form (see `jcal_models.core`); default: built
+        from the first-guess WCS as `config.astrometry_model` says.
+    mapping_filter: bool pytree like the model marking fitted leaves (`jcal_models.freeze`).
+    progress: optional callable(stage: str, chi2: float), called after each stage.
+    """
+    config = config or FitConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    assoc = associate(data, config)
+    timings["associate"] = time.perf_counter() - t0
+    result = FitResult(data, config, assoc, timings=timings)
+    if config.astrometry:
+        t0 = time.perf_counter()
+        result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,
+                                           mapping_filter=mapping_filter, progress=progress)
+        timings["astrometry"] = time.perf_counter() - t0
+    if config.photometry:
+        try:
+            from .fit.photometry import fit_photometry
+        except ImportError:  # pragma: no cover - photometry module not present
+            log.warning("photometry is not available in this build; skipped")
+        else:
+            t0 = time.perf_counter()
+            result.photometry = fit_photometry(data, assoc, config, astrometry=result.astrometry)
+            timings["photometry"] = time.perf_counter() - t0
+    return result

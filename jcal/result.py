@@ -1,0 +1,186 @@
+"""What a fit returns (`FitResult`) and how it is written to disk (atomically).
+
+Output directory layout:
+    wcs/<visit>_<detector>.fits   TAN-SIP approximation of the fitted map (JCAL_RMS/JCAL_MAX cards)
+    model.json + model.eqx        the exact fitted astrometric model (`jcal.load_model`)
+    measurements.parquet          per measurement: ids, pixels, star, fitted sky position, residuals
+    stars.parquet                 fitted stars: position, errors, proper motion, counts, reference id
+    metrics.json                  jointcal's metric names + the fit's own (iterations, outliers, times)
+    config.json                   the FitConfig used
+    photometry files              see jcal.fit.photometry (when photometry ran)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import jcal_models as jm
+
+from .associate import Association
+from .config import FitConfig
+from .data import InputData
+from .fit.astrometry import AstrometryFit
+from .io.atomic import atomic_output_dir
+from .io.sip import fit_tan_sip, write_wcs_fits
+from .solution import AstrometricSolution
+
+log = logging.getLogger("jcal")
+MAS_PER_DEG = 3.6e6
+
+
+@dataclass
+class FitResult:
+    data: InputData
+    config: FitConfig
+    association: Association
+    astrometry: AstrometryFit | None = None
+    photometry: Any = None  # jcal.fit.photometry.PhotometryFit
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- astrometry ------------------------------------------------------------------------------
+    @property
+    def solution(self) -> AstrometricSolution:
+        a = self.association
+        return AstrometricSolution(self.astrometry.model, a.visits, a.detectors, a.ccd_visits)
+
+    def pixel_to_sky(self, visit, detector, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Fitted (ra, dec) [deg] at 0-based pixels of detector-visits (by id)."""
+        return self.solution.pixel_to_sky(visit, detector, x, y)
+
+    def wcs_header(self, visit: int, detector: int):
+        """(FITS header, approximation RMS in mas): TAN-SIP of the fitted map over the detector."""
+        cv = self.data.ccd_visits[(int(visit), int(detector))]
+        sol = self.solution
+        order = None
+        model = self.astrometry.model
+        if isinstance(model, jm.ConstrainedAstrometry):
+            order = max(2, model.chip.inner.order * model.visit.inner.order)
+        elif isinstance(model, jm.SimpleAstrometry):
+            order = max(2, model.ccd_visit.inner.order)
+        return fit_tan_sip(lambda x, y: sol.pixel_to_sky(visit, detector, x, y), cv.nx, cv.ny,
+                           crval=sol.tangent_point(visit), order=order, grid=16)
+
+    def measurement_table(self) -> dict[str, np.ndarray]:
+        a, fit = self.association, self.astrometry
+        src = self.data.sources
+        rows = a.source_index
+        cols: dict[str, np.ndarray] = {
+            "source_id": src.source_id[rows], "visit": a.visits[a.visit_index],
+            "detector": a.detectors[a.detector_index], "x": src.x[rows], "y": src.y[rows], "star": a.star,
+        }
+        if fit is not None:
+            ra, dec = self.solution.pixel_to_sky(cols["visit"], cols["detector"], cols["x"], cols["y"])
+            epoch = np.asarray(fit.solver.data["epoch"])
+            sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
+            xi, eta = (np.asarray(v) for v in jm.sky_to_tangent(ra, dec, sra, sdec))
+            cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
+                        chi2=fit.chi2_per_measurement(), outlier=fit.state.weights == 0)
+        if self.photometry is not None:
+            cols.update(self.photometry.measurement_columns())
+        return cols
+
+    def star_table(self) -> dict[str, np.ndarray]:
+        a, fit = self.association, self.astrometry
+        cols: dict[str, np.ndarray] = {
+            "star": np.arange(len(a.star_ra)), "n_measurements": np.bincount(a.star, minlength=len(a.star_ra)),
+            "ref_index": a.star_ref,
+            "ref_id": np.where(a.star_ref >= 0, self.data.refcat.ref_id[np.maximum(a.star_ref, 0)], -1),
+        }
+        if fit is not None:
+            stars = fit.stars
+            ra, dec = (np.asarray(v) for v in _star_positions(stars, np.arange(stars.n_stars), stars.epoch0))
+            cols.update(ra=ra, dec=dec, epoch=np.asarray(stars.epoch0))
+            if stars.pm is not None:
+                cols.update(pm_ra=np.asarray(stars.pm[:, 0]) * MAS_PER_DEG, pm_dec=np.asarray(stars.pm[:, 1]) * MAS_PER_DEG)
+            err = fit.star_errors()
+            cols.update({f"{k}_err": v for k, v in err.items()})
+        if self.photometry is not None:
+            cols.update(self.photometry.star_columns())
+        return cols
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        a = self.association
+        out: dict[str, Any] = {"association": dict(a.counts)}
+        fit = self.astrometry
+        if fit is not None:
+            has_ref = a.star_ref >= 0
+            out.update({
+                "astrometry_collected_refStars": int(a.counts.get("reference_stars_collected", 0)),
+                "astrometry_prepared_refStars": int(has_ref.sum()),
+                "astrometry_matched_fittedStars": int(has_ref.sum()),
+                "astrometry_prepared_fittedStars": int(len(a.star_ra)),
+                "astrometry_prepared_ccdImages": int(len(a.ccd_visits)),
+                "astrometry_final_chi2": fit.chi2,
+                "astrometry_final_ndof": fit.ndof,
+                "astrometry_chi2_per_ndof": fit.chi2 / max(fit.ndof, 1),
+                "astrometry_iterations": len(fit.state.history),
+                "astrometry_outliers": fit.state.n_outliers,
+                "astrometry_reference_outliers": fit.state.n_reference_outliers,
+                "astrometry_converged": fit.state.converged,
+                "astrometry_stage_seconds": fit.stage_seconds,
+                "astrometry_sizes": fit.solver.sizes,
+                "astrometry_chi2_history": [h["chi2"] for h in fit.state.history],
+            })
+        if self.photometry is not None:
+            out.update(self.photometry.metrics())
+        out["timings"] = dict(self.timings)
+        return out
+
+    # -- output ----------------------------------------------------------------------------------
+    def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None) -> Path:
+        """Write every output into `out_dir` atomically (all or nothing)."""
+        t0 = time.perf_counter()
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            if self.astrometry is not None:
+                (tmp / "wcs").mkdir()
+                worst = 0.0
+                for visit, detector in self.association.ccd_visits.tolist():
+                    header, rms = self.wcs_header(visit, detector)
+                    worst = max(worst, rms)
+                    write_wcs_fits(header, tmp / "wcs" / f"{visit}_{detector}.fits")
+                    if progress:
+                        progress()
+                self.timings["wcs_approximation_worst_rms_mas"] = worst
+                self.solution.save(tmp / "model")
+            _write_parquet(tmp / "measurements.parquet", self.measurement_table())
+            _write_parquet(tmp / "stars.parquet", self.star_table())
+            if self.photometry is not None:
+                self.photometry.write(tmp)
+            self.config.save(tmp / "config.json")
+            self.timings["write"] = time.perf_counter() - t0
+            (tmp / "metrics.json").write_text(json.dumps(_jsonable(self.metrics), indent=2) + "\n")
+        return Path(out_dir)
+
+
+def _star_positions(stars: jm.Stars, rows, epoch):
+    view = jm.Stars(stars.offset[rows], None if stars.pm is None else stars.pm[rows], stars.ra0[rows],
+                    stars.dec0[rows], stars.epoch0[rows])
+    import jax
+    return jax.vmap(lambda s, t: s.position(t))(view, jnp.asarray(epoch))
+
+
+def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), path)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    return x
