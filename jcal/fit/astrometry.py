@@ -190,7 +190,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         t0 = time.perf_counter()
         refresh_errors()
         saved = state.weights
-        if only_reference and has_ref.sum() >= 3:
+        if only_reference and _references_constrain_every_group(solver, index, saved * has_ref[assoc.star]):
             state.weights = saved * has_ref[assoc.star]
         new = solver.run_stage(state, name, fit_mapping=fit_mapping, fit_stars=fit_stars, mapping_mask=mmask,
                                star_mask=star_mask, max_iterations=config.max_iterations,
@@ -226,6 +226,16 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     stage_seconds["total"] = time.perf_counter() - t_start
     return AstrometryFit(state.mapping, state.stars, assoc, solver, state, mapping_mask, star_mask, index,
                          float(c_m.sum() + c_s.sum()), ndof, stage_seconds)
+
+
+def _references_constrain_every_group(solver: Solver, index, weights) -> bool:
+    """True if, with only reference-matched measurements, every mapping group keeps at least as
+    many residuals as it has parameters (else the early stages use every measurement)."""
+    for key, n_groups, p in zip(solver.layout.keys, solver.layout.n_groups, solver.layout.row_sizes):
+        counts = np.bincount(index[key], weights=weights, minlength=n_groups) if key in index else [weights.sum()]
+        if np.min(counts) * 2 < 2 * p:
+            return False
+    return True
 
 
 def _unit_vectors(ra, dec) -> np.ndarray:

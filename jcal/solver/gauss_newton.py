@@ -231,9 +231,17 @@ class Solver:
         weak = np.flatnonzero(free & (diag <= 1e-10 * scale))
         names = self.parameter_names()
         named = [names[i] for i in weak[:20]]
+        # groups with fewer residuals than parameters cannot be determined whatever the data
+        starved = []
+        for key, n_groups, p in zip(self.layout.keys, self.layout.n_groups, self.layout.row_sizes):
+            if key in self.problem.index:
+                counts = np.bincount(self.problem.index[key], minlength=n_groups) * self.residual_dim
+                starved += [f"{key} {g} ({counts[g]} residuals for {p} parameters)"
+                            for g in np.flatnonzero(counts < p)[:10]]
         return SingularSystemError(
             f"stage {name!r}: the normal equations are singular; {len(weak)} mapping parameter(s) have no "
-            f"constraint, e.g. {named[:5]}. Lower the polynomial order, add data, or freeze them.", named)
+            f"constraint (e.g. {named[:5]}); under-determined groups: {starved or 'none found'}. Lower the "
+            "polynomial order, add data, or freeze them.", named + starved)
 
     # -- outliers and statistics -----------------------------------------------------------------
     def ndof(self, state: FitState, mapping_mask, star_mask) -> int:

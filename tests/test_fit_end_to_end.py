@@ -1,0 +1,89 @@
+"""End to end on simulated surveys whose truth the model family represents exactly."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jcal
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    sim = jcal.simulate("small", seed=3)
+    result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
+    return sim, result
+
+
+def _mapping_error_mas(sim, result):
+    a = result.association
+    tr = sim.truth.measurements
+    rows = a.source_index
+    ra, dec = result.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
+    tra, tdec = sim.truth.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
+    dx = (ra - tra) * np.cos(np.radians(tdec)) * 3.6e6
+    dy = (dec - tdec) * 3.6e6
+    return float(np.sqrt(np.mean(dx**2 + dy**2) / 2))
+
+
+def test_fitted_mapping_matches_truth(small_fit):
+    sim, result = small_fit
+    err = _mapping_error_mas(sim, result)
+    first_guess = float(np.mean(sim.truth.ccd_visits.wcs_error_rms_arcsec)) * 1e3
+    noise = float(np.median(sim.data.sources.x_err)) * sim.config.pixel_scale_arcsec * 1e3
+    print(f"mapping error {err:.3f} mas; first guess {first_guess:.0f} mas; centroid noise {noise:.1f} mas")
+    assert first_guess > 300
+    assert err < 1.0  # mas, per coordinate RMS at the true pixel positions
+
+
+def test_chi2_and_outliers(small_fit):
+    sim, result = small_fit
+    m = result.metrics
+    assert 0.95 < m["astrometry_chi2_per_ndof"] < 1.1
+    a = result.association
+    truth_outlier = sim.truth.measurements.is_outlier[a.source_index]
+    rejected = result.astrometry.state.weights == 0
+    assert truth_outlier.sum() > 0
+    assert (truth_outlier & ~rejected).sum() <= 1  # injected gross outliers found
+    assert m["astrometry_converged"]
+
+
+def test_outlier_free_chi2_close_to_one():
+    sim = jcal.simulate("tiny", seed=5, outlier_fraction=0.0, star_density_scale=1.0) \
+        if "star_density_scale" in jcal.SimConfig.__dataclass_fields__ else jcal.simulate("tiny", seed=5, outlier_fraction=0.0)
+    result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
+    chi2n = result.metrics["astrometry_chi2_per_ndof"]
+    assert 0.9 < chi2n < 1.1
+    assert result.metrics["astrometry_outliers"] <= 0.01 * len(result.association.star)
+
+
+def test_write_outputs_and_reload(small_fit, tmp_path):
+    sim, result = small_fit
+    out = result.write(tmp_path / "out")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("astrometry_collected_refStars", "astrometry_prepared_refStars", "astrometry_matched_fittedStars",
+                "astrometry_prepared_fittedStars", "astrometry_prepared_ccdImages", "astrometry_final_chi2",
+                "astrometry_final_ndof"):
+        assert key in metrics
+    assert len(list((out / "wcs").glob("*.fits"))) == len(result.association.ccd_visits)
+    assert metrics["timings"]["wcs_approximation_worst_rms_mas"] < 0.1
+    model = jcal.load_model(out / "model")
+    v, d = result.association.ccd_visits[3]
+    np.testing.assert_allclose(model.pixel_to_sky(v, d, [5.0, 900.0], [7.0, 11.0]),
+                               result.pixel_to_sky(v, d, [5.0, 900.0], [7.0, 11.0]), atol=1e-12)
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    w = WCS(fits.getheader(out / "wcs" / f"{v}_{d}.fits"))
+    ra, dec = w.all_pix2world([5.0, 900.0], [7.0, 11.0], 0)
+    ra2, dec2 = result.pixel_to_sky(v, d, [5.0, 900.0], [7.0, 11.0])
+    assert np.max(np.abs(dec - dec2)) * 3.6e6 < 0.1
+    with pytest.raises(FileExistsError):
+        result.write(tmp_path / "out")
+
+
+def test_simple_model_fits_and_underdetermined_order_is_named():
+    sim = jcal.simulate("tiny", seed=6)
+    with pytest.raises(jcal.SingularSystemError, match=r"ccd_visit 3 \(14 residuals for 20 parameters\)"):
+        jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=3, photometry=False))
+    result = jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=2, photometry=False))
+    assert 0.8 < result.metrics["astrometry_chi2_per_ndof"] < 1.3
