@@ -85,5 +85,6 @@ def test_simple_model_fits_and_underdetermined_order_is_named():
     sim = jcal.simulate("tiny", seed=6)
     with pytest.raises(jcal.SingularSystemError, match=r"ccd_visit 3 \(14 residuals for 20 parameters\)"):
         jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=3, photometry=False))
-    result = jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=2, photometry=False))
-    assert 0.8 < result.metrics["astrometry_chi2_per_ndof"] < 1.3
+    sim = jcal.simulate("small", seed=6)  # enough stars per detector-visit for order 3
+    result = jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=3, photometry=False))
+    assert 0.9 < result.metrics["astrometry_chi2_per_ndof"] < 1.15
