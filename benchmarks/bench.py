@@ -1,0 +1,81 @@
+"""Benchmark: simulate a preset, then run `jcal fit` end to end and report time, memory, accuracy.
+
+    python benchmarks/bench.py medium [large huge] [--visit-order 3]
+
+Per preset it prints detections, stars, parameters (mapping and star), wall time split into
+read / associate / fit (compilation included; a second fit shows the compiled cost) / write,
+peak memory (max RSS of this process) and accuracy of the fitted mapping vs truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jcal
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def run(preset: str, visit_order: int, second: bool) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"jcal-bench-{preset}-"))
+    try:
+        sim = jcal.simulate(preset, seed=0)
+        jcal.write_simulation(sim, tmp / "input")
+        config = jcal.FitConfig(visit_order=visit_order, photometry=False)
+        t = {}
+        t0 = time.perf_counter()
+        data = jcal.read_input(tmp / "input")
+        t["read"] = time.perf_counter() - t0
+        result = jcal.fit(data, config)
+        t["associate"] = result.timings["associate"]
+        t["fit"] = result.timings["astrometry"]
+        t0 = time.perf_counter()
+        result.write(tmp / "out")
+        t["write"] = time.perf_counter() - t0
+        t["total"] = sum(t.values())
+        if second:  # same shapes bucketed: no compilation the second time
+            t0 = time.perf_counter()
+            jcal.fit(data, config)
+            t["second_fit_no_read_write"] = time.perf_counter() - t0
+        a = result.association
+        tr = sim.truth.measurements
+        rows = a.source_index
+        ra, dec = result.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
+        tra, tdec = sim.truth.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
+        err = np.sqrt(np.mean(((ra - tra) * np.cos(np.radians(tdec)) * 3.6e6) ** 2 + ((dec - tdec) * 3.6e6) ** 2) / 2)
+        m = result.metrics
+        return {
+            "preset": preset, "detections": len(sim.data.sources), "measurements": len(a.star),
+            "stars": len(a.star_ra), "sizes": m["astrometry_sizes"], "seconds": {k: round(v, 2) for k, v in t.items()},
+            "stage_seconds": {k: round(v, 2) for k, v in m["astrometry_stage_seconds"].items()},
+            "peak_rss_gb": round(peak_rss_gb(), 2), "chi2_per_ndof": round(m["astrometry_chi2_per_ndof"], 4),
+            "mapping_error_vs_truth_mas": round(float(err), 4),
+            "first_guess_error_mas": round(float(np.mean(sim.truth.ccd_visits.wcs_error_rms_arcsec)) * 1e3, 1),
+            "iterations": m["astrometry_iterations"], "outliers": m["astrometry_outliers"],
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("presets", nargs="+")
+    p.add_argument("--visit-order", type=int, default=3)
+    p.add_argument("--second", action="store_true", help="time a second fit (compiled shapes reused)")
+    args = p.parse_args()
+    for preset in args.presets:
+        print(json.dumps(run(preset, args.visit_order, args.second)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Photometric model forms: pixel (x, y) -> calibration, one point at a time.
+
+Every form is of one of two kinds (the class attribute `kind`):
+
+- ``"flux"``: ``form(x, y)`` is the calibration c(x, y) [nJy per count]; a measurement's
+  calibrated flux is ``instFlux * c``;
+- ``"magnitude"``: ``form(x, y)`` is the zero point z(x, y) [AB mag of one count]; a
+  measurement's calibrated magnitude is ``-2.5 log10(instFlux) + z``, and
+  ``c = 10**(-0.4 (z - 31.4))`` (LSST's ``zeroPoint = 31.4 - 2.5 log10(calibrationMean)``).
+
+`calibration(x, y)` gives c for either kind, `zero_point(x, y)` gives z.
+
+Forms (jointcal's four photometry models):
+
+- `SimpleFlux` / `SimpleMagnitude`: one constant per detector-visit (`Grouped` by
+  ``"ccd_visit"``). Nothing is degenerate.
+- `ConstrainedFlux` / `ConstrainedMagnitude`: a constant per detector (`Grouped` by
+  ``"band_detector"``: a detector's response differs between bands, so it gets one constant
+  per band it was observed in; with a single band this is one per detector) combined - a
+  product for flux, a sum for magnitude - with a per-visit Chebyshev field of total order
+  ``order`` over the focal plane (`Grouped` by ``"visit"``). The focal-plane position comes
+  from a fixed pixel -> focal-plane map per detector (`Grouped` by ``"detector"``, declared
+  with `fixed_field`: typically the chip part of the fitted astrometric model). The
+  composition is degenerate (a factor can move between all detectors of a band and all
+  visits of that band); the gauge is fixed by holding ONE reference detector constant per
+  band at its starting value (`fix_gauge`), 1 for flux, 0 for magnitude.
+
+`PhotometricStars` holds the fitted flux (nJy) or magnitude (AB) of every star in every band.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .basis import basis_2d
+from .core import Grouped, fixed_field
+
+AB_ZERO_POINT_NJY = 31.4  # AB magnitude of 1 nJy
+KINDS = ("flux", "magnitude")
+
+
+class Constant(eqx.Module):
+    """A value that does not depend on the position (one per group inside `Grouped`)."""
+
+    value: Float[Array, ""]
+
+    def __call__(self, x, y):
+        return self.value
+
+
+class ChebyshevField(eqx.Module):
+    """sum_k a_k T_i(u) T_j(v) over total degree <= order; u = (x - cx) / hx, v = (y - cy) / hy."""
+
+    coeffs: Float[Array, "terms"]
+    center: Float[Array, "2"] = fixed_field()
+    half_width: Float[Array, "2"] = fixed_field()
+    order: int = fixed_field(static=True)
+
+    def __call__(self, x, y):
+        u = (x - self.center[0]) / self.half_width[0]
+        v = (y - self.center[1]) / self.half_width[1]
+        return basis_2d(u, v, self.order, "chebyshev") @ self.coeffs
+
+
+class PhotometricTransform(eqx.Module):
+    """Base of photometric forms: `__call__(x, y)` gives c (flux kind) or z (magnitude kind)."""
+
+    kind: ClassVar[str] = "flux"
+
+    def __call__(self, x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def calibration(self, x, y):
+        """nJy per count at one pixel (a gathered view)."""
+        value = self(x, y)
+        return value if self.kind == "flux" else 10.0 ** (-0.4 * (value - AB_ZERO_POINT_NJY))
+
+    def zero_point(self, x, y):
+        """AB magnitude of one count at one pixel."""
+        value = self(x, y)
+        return value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(value)
+
+
+class SimpleFlux(PhotometricTransform):
+    """c(x, y) = s_k for detector-visit k."""
+
+    kind: ClassVar[str] = "flux"
+    ccd_visit: Grouped  # Constant, by "ccd_visit"
+
+    def __call__(self, x, y):
+        return self.ccd_visit(x, y)
+
+
+class SimpleMagnitude(PhotometricTransform):
+    """z(x, y) = z_k for detector-visit k."""
+
+    kind: ClassVar[str] = "magnitude"
+    ccd_visit: Grouped  # Constant, by "ccd_visit"
+
+    def __call__(self, x, y):
+        return self.ccd_visit(x, y)
+
+
+class _Constrained(PhotometricTransform):
+    focal: Grouped = fixed_field()  # pixel -> focal plane (2 outputs), by "detector"; not fitted
+    detector: Grouped  # Constant, by "band_detector"
+    visit: Grouped  # ChebyshevField, by "visit"
+    reference_detectors: tuple[int, ...] = eqx.field(static=True, default=(0,))  # held (gauge), one per band
+
+    def fix_gauge(self, mask):
+        """Hold the reference detector constants (one per band): removes the detector/visit degeneracy.
+
+        `mask` is a 0/1 pytree shaped like the fitted parameters; returns it updated.
+        """
+        value = mask.detector.inner.value
+        held = value.at[jnp.asarray(self.reference_detectors, dtype=jnp.int32)].set(0.0)
+        return eqx.tree_at(lambda m: m.detector.inner.value, mask, held)
+
+    def first_stage(self, mask):
+        """The first fitting stage frees only the visit fields (jointcal's "ModelVisit")."""
+        value = mask.detector.inner.value
+        return eqx.tree_at(lambda m: m.detector.inner.value, mask, jnp.zeros_like(value))
+
+    def focal_position(self, x, y):
+        return self.focal(x, y)
+
+
+class ConstrainedFlux(_Constrained):
+    """c(x, y) = s_d * F_v(focal_d(x, y)): detector scale times visit field."""
+
+    kind: ClassVar[str] = "flux"
+
+    def __call__(self, x, y):
+        fx, fy = self.focal(x, y)
+        return self.detector(x, y) * self.visit(fx, fy)
+
+
+class ConstrainedMagnitude(_Constrained):
+    """z(x, y) = z_d + Z_v(focal_d(x, y)): detector offset plus visit field (magnitudes)."""
+
+    kind: ClassVar[str] = "magnitude"
+
+    def __call__(self, x, y):
+        fx, fy = self.focal(x, y)
+        return self.detector(x, y) + self.visit(fx, fy)
+
+
+class PhotometricStars(eqx.Module):
+    """Fitted flux [nJy] (kind "flux") or AB magnitude (kind "magnitude") of every star in every band.
+
+    `value` has a leading star axis; the solver gathers one star per measurement, whose
+    residual picks its band: ``star.value[band]``.
+    """
+
+    value: Float[Array, "stars bands"]
+    kind: str = eqx.field(static=True, default="flux")
+
+    @property
+    def n_stars(self) -> int:
+        return self.value.shape[0]
+
+    def flux(self):
+        """nJy, whatever the kind (on the full, ungathered module too)."""
+        return self.value if self.kind == "flux" else 10.0 ** (-0.4 * (self.value - AB_ZERO_POINT_NJY))
+
+    def magnitude(self):
+        return self.value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(self.value)
+
+
+# -- constructors ----------------------------------------------------------------------------
+
+
+def _constants(values, by: str) -> Grouped:
+    return Grouped(Constant(value=jnp.asarray(values, dtype=jnp.float64)), by=by)
+
+
+def simple_flux(calibrations: Float[Array, "ccd_visits"]) -> SimpleFlux:
+    """One calibration [nJy/count] per detector-visit."""
+    return SimpleFlux(ccd_visit=_constants(calibrations, "ccd_visit"))
+
+
+def simple_magnitude(zero_points: Float[Array, "ccd_visits"]) -> SimpleMagnitude:
+    """One zero point [AB mag of 1 count] per detector-visit."""
+    return SimpleMagnitude(ccd_visit=_constants(zero_points, "ccd_visit"))
+
+
+def _constrained(cls, focal: Grouped, detector_values, visit_coeffs, focal_center, focal_half_width,
+                 order: int, reference_detectors):
+    if focal.by != "detector":
+        raise ValueError(f"the focal-plane map must be grouped by 'detector', not {focal.by!r}")
+    visit = Grouped(ChebyshevField(coeffs=jnp.asarray(visit_coeffs, dtype=jnp.float64),
+                                   center=jnp.asarray(focal_center, dtype=jnp.float64),
+                                   half_width=jnp.asarray(focal_half_width, dtype=jnp.float64), order=order),
+                    by="visit")
+    return cls(focal=focal, detector=_constants(detector_values, "band_detector"), visit=visit,
+               reference_detectors=tuple(int(r) for r in reference_detectors))
+
+
+def constrained_flux(focal: Grouped, detector_scales, visit_coeffs, focal_center, focal_half_width, order: int,
+                     reference_detectors=(0,)) -> ConstrainedFlux:
+    """`focal`: pixel -> focal plane, Grouped by "detector"; `detector_scales` (band_detectors,);
+    `visit_coeffs` (visits, n_terms(order)) Chebyshev coefficients in nJy/count; `focal_center`,
+    `focal_half_width` (visits, 2) normalise the focal plane to [-1, 1]^2."""
+    return _constrained(ConstrainedFlux, focal, detector_scales, visit_coeffs, focal_center, focal_half_width,
+                        order, reference_detectors)
+
+
+def constrained_magnitude(focal: Grouped, detector_offsets, visit_coeffs, focal_center, focal_half_width,
+                          order: int, reference_detectors=(0,)) -> ConstrainedMagnitude:
+    """As `constrained_flux`, in magnitudes: detector offsets and visit fields add up to the zero point."""
+    return _constrained(ConstrainedMagnitude, focal, detector_offsets, visit_coeffs, focal_center,
+                        focal_half_width, order, reference_detectors)
+
+
+FORMS = {"simple_flux": SimpleFlux, "simple_magnitude": SimpleMagnitude,
+         "constrained_flux": ConstrainedFlux, "constrained_magnitude": ConstrainedMagnitude}
