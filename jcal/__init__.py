@@ -10,7 +10,17 @@ Layout: data model (`data`), inputs (`io`), association (`associate`), model for
 (`result`, `solution`), Task facade (`task`), command line (`cli`).
 """
 
-import jax
+import os
+
+# XLA's multi-threaded Eigen pool on CPU was seen to wedge for good (every worker idle, the
+# result never ready) in jcal's large vmapped steps with jaxlib 0.10.2; single-threaded Eigen
+# avoids it at a small cost. Takes effect only if set before JAX's first computation; opt
+# out with JCAL_XLA_MULTITHREAD=1. The flag is ignored by GPU backends.
+if os.environ.get("JCAL_XLA_MULTITHREAD") != "1" and "xla_cpu_multi_thread_eigen" not in os.environ.get(
+        "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # sky positions need float64
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -29,17 +27,6 @@ def parse_overrides(pairs: list[str]) -> dict:
         except (ValueError, SyntaxError):
             out[key.strip()] = value
     return out
-
-
-def _config(args):
-    from .config import FitConfig
-    values = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
-    values.update(parse_overrides(getattr(args, "set", None)))
-    if getattr(args, "no_astrometry", False):
-        values["astrometry"] = False
-    if getattr(args, "no_photometry", False):
-        values["photometry"] = False
-    return FitConfig.from_dict(values)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -68,19 +55,17 @@ def run_fit(data, config, out: Path, *, quiet: bool, overwrite: bool, timings: d
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "fit":  # a thin shell over the Task facade
+        _setup_logging("--quiet" in argv)
+        from .task import JointcalTask
+        return JointcalTask.parseAndRun(argv[1:]).exitStatus
     parser = argparse.ArgumentParser(prog="jcal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="fit a directory in jcal's input format")
-    p.add_argument("input")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="JSON file of FitConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field")
-    p.add_argument("--no-astrometry", action="store_true")
-    p.add_argument("--no-photometry", action="store_true")
-    p.add_argument("--show-config", action="store_true", help="print the full config and exit")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    # `jcal fit` is JointcalTask.parseAndRun (intercepted above); listed here for --help only.
+    sub.add_parser("fit", add_help=False,
+                   help="fit a directory (JointcalTask.parseAndRun; `jcal fit --help` for options)")
 
     p = sub.add_parser("simulate", help="write a simulated survey (input format + truth/)")
     p.add_argument("preset", nargs="?", default="small", help="tiny, small, medium, large, huge")
@@ -112,15 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if "astrometry_chi2_per_ndof" in metrics and not args.quiet:
             print(f"astrometry chi2/ndof = {metrics['astrometry_chi2_per_ndof']:.4f}")
         return 0
-    config = _config(args)
-    if args.show_config:
-        print(json.dumps(dataclasses.asdict(config), indent=2))
-        return 0
-    t0 = time.perf_counter()
-    data = jcal.read_input(args.input)
-    timings = {"read": time.perf_counter() - t0}
-    run_fit(data, config, Path(args.out), quiet=args.quiet, overwrite=args.overwrite, timings=timings)
-    return 0
+    return 2  # pragma: no cover - argparse only accepts the commands above
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,846 @@
+"""The photometric fit: association in, fitted calibration model and star fluxes out.
+
+It mirrors `jcal.fit.astrometry`: the same structured Gauss-Newton solver, the same stages,
+the same leave-one-out outlier rejection. Model forms are in `jcal_models.photometry`
+(`config.photometry_model`: simple_flux, simple_magnitude, constrained_flux,
+constrained_magnitude).
+
+Residual of measurement i (star s, band b, pixel (x, y) of detector-visit k):
+
+- flux models:      r_i = (instFlux_i * c(x, y) - F_s,b) / sigma_i,
+                    sigma_i = c(x, y) * sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2);
+- magnitude models: r_i = (-2.5 log10(instFlux_i) + z(x, y) - m_s,b) / sigma_i,
+                    sigma_i = sqrt((1.0857 * err_i / instFlux_i)^2 + magnitude_pedestal^2),
+                    err_i = sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2).
+
+The error of a flux model moves with the calibration. As in jointcal, the error is held
+FIXED during each linear solve (the Jacobian ignores its derivative): it is recomputed from
+the current model before every stage and held during the stage; after the outlier rounds,
+"all" stages with refreshed errors are repeated until chi2 no longer changes (to
+`config.tolerance`), i.e. to jointcal's fixed point. Magnitude errors do not depend on the
+model. Measurements with instFlux <= 0 cannot enter a magnitude model: they get weight 0
+(logged, counted in the metrics, never reported as outliers).
+
+A star with a reference flux in the band (refcat band `config.reference_band`, or the
+visit's band name) adds (F_s,b - F_ref) / F_ref_err (flux models) or
+(m_s,b - m_ref) / (1.0857 F_ref_err / F_ref) (magnitude models). Every band of a
+multi-band fit has its own star fluxes, detector constants and gauge; bands only share the
+star list (and, through the visit fields, nothing else). Colour terms are not modelled.
+
+The focal-plane position used by constrained models is the chip part of the fitted
+astrometric model when `astrometry` has one (`model.chip`, Grouped by "detector"), else
+that of a constrained astrometric model fitted to the first-guess WCSs (affine per
+detector, `jcal.fit.initialise`): the first-guess WCSs always exist, whereas the optional
+camera table has no pixel size or orientation. It is fixed data inside the model (a
+`fixed_field`), so the model maps any pixel to a calibration on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import jcal_models as jm
+from jcal_models.photometry import (AB_ZERO_POINT_NJY, ConstrainedFlux, ConstrainedMagnitude, PhotometricStars,
+                                    PhotometricTransform, SimpleFlux, SimpleMagnitude, constrained_flux,
+                                    constrained_magnitude, simple_flux, simple_magnitude)
+
+from ..associate import Association
+from ..config import FitConfig
+from ..data import InputData, InputError
+from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
+from .initialise import initial_astrometric_model
+
+log = logging.getLogger("jcal.fit.photometry")
+
+MAG_PER_FRACTION = 2.5 / np.log(10.0)  # 1.0857: d(mag) = MAG_PER_FRACTION * d(flux) / flux
+GRID = 8  # samples per axis of a detector for photo_calib_grid.parquet
+MEAN_GRID = 16  # samples per axis for the mean calibration over a detector
+BRIGHT_SNR = 100.0  # repeatability uses measurements above this S/N
+MAX_ERROR_REFRESHES = 30  # flux models: refresh-and-solve rounds towards the fixed point
+
+
+# --------------------------------------------------------------------------------------------
+# Residuals
+# --------------------------------------------------------------------------------------------
+
+
+def flux_residual(model, star, m):
+    """Whitened residual (1,) of one measurement under a flux model (see module docstring).
+
+    sigma = |c| * m["err"], with c the current calibration when m["live"] is 1 (so the Jacobian
+    includes the error's derivative), or the calibration frozen in m["c_fixed"] when it is 0
+    (jointcal's convention: the error is held fixed during the linear solve).
+    """
+    c = model(m["x"], m["y"])
+    scale = jnp.where(m["live"] > 0, jnp.abs(c), m["c_fixed"])
+    return jnp.reshape((m["inst_flux"] * c - star.value[m["band"]]) / (scale * m["err"]), (1,))
+
+
+def magnitude_residual(model, star, m):
+    """Whitened residual (1,) of one measurement under a magnitude model."""
+    z = model(m["x"], m["y"])
+    return jnp.reshape((m["inst_mag"] + z - star.value[m["band"]]) / m["sigma"], (1,))
+
+
+def reference_photometry_residual(star, ref):
+    """(bands,) whitened reference-flux constraints of one star (zero where it has none)."""
+    return (star.value - ref["value"]) / ref["err"] * ref["has"]
+
+
+# --------------------------------------------------------------------------------------------
+# A fitted photometric model with its ids: evaluate, save, reload
+# --------------------------------------------------------------------------------------------
+
+
+def _group_keys_used(model) -> set[str]:
+    return set(jax.tree.leaves(jm.group_keys(model)))
+
+
+def _structure(model: PhotometricTransform) -> dict:
+    if isinstance(model, (SimpleFlux, SimpleMagnitude)):
+        return {"form": "simple_flux" if isinstance(model, SimpleFlux) else "simple_magnitude",
+                "n_ccd_visits": model.ccd_visit.n_groups}
+    if isinstance(model, (ConstrainedFlux, ConstrainedMagnitude)):
+        focal = model.focal.inner
+        if not isinstance(focal, jm.Polynomial):
+            raise TypeError("only a Polynomial focal-plane map can be described for saving")
+        return {"form": "constrained_flux" if isinstance(model, ConstrainedFlux) else "constrained_magnitude",
+                "order": model.visit.inner.order, "n_visits": model.visit.n_groups,
+                "n_band_detectors": model.detector.n_groups, "n_detectors": model.focal.n_groups,
+                "focal_order": focal.order, "focal_family": focal.family,
+                "reference_detectors": list(model.reference_detectors)}
+    raise TypeError(f"cannot describe a {type(model).__name__} for saving")
+
+
+def _skeleton(s: dict) -> PhotometricTransform:
+    z = np.zeros
+    if s["form"] in ("simple_flux", "simple_magnitude"):
+        make = simple_flux if s["form"] == "simple_flux" else simple_magnitude
+        return make(z(s["n_ccd_visits"]))
+    if s["form"] in ("constrained_flux", "constrained_magnitude"):
+        d, v = s["n_detectors"], s["n_visits"]
+        focal = jm.Grouped(jm.Polynomial(coeffs=jnp.asarray(z((d, 2, jm.n_terms(s["focal_order"])))),
+                                         center=jnp.asarray(z((d, 2))), half_width=jnp.asarray(z((d, 2))),
+                                         order=s["focal_order"], family=s["focal_family"]), by="detector")
+        make = constrained_flux if s["form"] == "constrained_flux" else constrained_magnitude
+        return make(focal, z(s["n_band_detectors"]), z((v, jm.n_terms(s["order"]))), z((v, 2)), z((v, 2)),
+                    s["order"], s["reference_detectors"])
+    raise ValueError(f"unknown photometric model form {s['form']!r} in saved structure")
+
+
+@jax.jit
+def _evaluate(model, index, x, y):
+    """(calibration nJy/count, zero point AB mag) at arrays of pixels, measurement i in groups index[.][i]."""
+    def one(idx, xi, yi):
+        view = jm.gather(model, idx)
+        value = view(xi, yi)
+        if model.kind == "flux":
+            return value, AB_ZERO_POINT_NJY - 2.5 * jnp.log10(value)
+        return 10.0 ** (-0.4 * (value - AB_ZERO_POINT_NJY)), value
+
+    return jax.vmap(one)(index, x, y)
+
+
+@dataclass(frozen=True)
+class PhotometricSolution:
+    """pixel -> calibration for every fitted detector-visit, addressed by visit and detector id."""
+
+    model: PhotometricTransform
+    visits: np.ndarray  # (v,) visit ids, in model group order
+    detectors: np.ndarray  # (d,) detector ids
+    ccd_visits: np.ndarray  # (k, 2) (visit, detector) ids
+    bands: tuple[str, ...]  # band names
+    visit_band: np.ndarray  # (v,) index into `bands`
+    band_detectors: np.ndarray  # (g, 2) (band index, detector index) of each "band_detector" group
+
+    def index(self, visit, detector) -> dict[str, jax.Array]:
+        """Group indices of (visit, detector) ids; KeyError for what the model cannot evaluate."""
+        visit, detector = np.broadcast_arrays(np.asarray(visit, np.int64), np.asarray(detector, np.int64))
+        visit, detector = visit.ravel(), detector.ravel()
+        used = _group_keys_used(self.model)
+        vi = np.clip(np.searchsorted(self.visits, visit), 0, len(self.visits) - 1)
+        di = np.clip(np.searchsorted(self.detectors, detector), 0, len(self.detectors) - 1)
+        ok_v, ok_d = self.visits[vi] == visit, self.detectors[di] == detector
+        keys = self.ccd_visits[:, 0] * (1 << 32) + self.ccd_visits[:, 1]
+        ki = np.clip(np.searchsorted(keys, visit * (1 << 32) + detector), 0, len(keys) - 1)
+        ok_k = keys[ki] == visit * (1 << 32) + detector
+        n_det = len(self.detectors)
+        bd_keys = self.band_detectors[:, 0] * n_det + self.band_detectors[:, 1]
+        want = self.visit_band[vi] * n_det + di
+        gi = np.clip(np.searchsorted(bd_keys, want), 0, len(bd_keys) - 1)
+        ok_g = bd_keys[gi] == want
+        ok = np.ones(visit.shape, bool)
+        if "ccd_visit" in used:
+            ok &= ok_k
+        if used & {"visit", "band_detector"}:
+            ok &= ok_v
+        if "detector" in used:
+            ok &= ok_d
+        if "band_detector" in used:
+            ok &= ok_g
+        if not np.all(ok):
+            bad = np.flatnonzero(~ok)[0]
+            raise KeyError(f"(visit, detector) = ({visit[bad]}, {detector[bad]}) cannot be evaluated: it was not "
+                           "part of the photometric fit")
+        return {"visit": jnp.asarray(vi), "detector": jnp.asarray(di), "ccd_visit": jnp.asarray(ki),
+                "band_detector": jnp.asarray(gi)}
+
+    def evaluate(self, visit, detector, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """(calibration nJy/count, zero point AB mag of one count); arguments broadcast together."""
+        visit, detector, x, y = np.broadcast_arrays(visit, detector, np.asarray(x, float), np.asarray(y, float))
+        c, z = _evaluate(self.model, self.index(visit, detector), jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
+        return np.asarray(c).reshape(x.shape), np.asarray(z).reshape(x.shape)
+
+    def calibration(self, visit, detector, x, y) -> np.ndarray:
+        """nJy per count at 0-based pixels of detector-visits (by id): calibrated flux = instFlux x this."""
+        return self.evaluate(visit, detector, x, y)[0]
+
+    def zero_point(self, visit, detector, x, y) -> np.ndarray:
+        """AB magnitude of one count: 31.4 - 2.5 log10(calibration)."""
+        return self.evaluate(visit, detector, x, y)[1]
+
+    def save(self, path: str | Path) -> None:
+        """Write `<path>.json` (structure and ids) and `<path>.eqx` (array leaves, no pickle)."""
+        path = Path(path)
+        meta = {"structure": _structure(self.model), "visits": self.visits.tolist(),
+                "detectors": self.detectors.tolist(), "ccd_visits": self.ccd_visits.tolist(),
+                "bands": list(self.bands), "visit_band": self.visit_band.tolist(),
+                "band_detectors": self.band_detectors.tolist()}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        eqx.tree_serialise_leaves(path.with_suffix(".eqx"), self.model)
+
+    @classmethod
+    def load(cls, path: str | Path, like: PhotometricTransform | None = None) -> "PhotometricSolution":
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        skeleton = like if like is not None else _skeleton(meta["structure"])
+        model = eqx.tree_deserialise_leaves(path.with_suffix(".eqx"), skeleton)
+        return cls(model, np.array(meta["visits"], np.int64), np.array(meta["detectors"], np.int64),
+                   np.array(meta["ccd_visits"], np.int64).reshape(-1, 2), tuple(meta["bands"]),
+                   np.array(meta["visit_band"], np.int64), np.array(meta["band_detectors"], np.int64).reshape(-1, 2))
+
+
+def load_photometric_model(path: str | Path, like: PhotometricTransform | None = None) -> PhotometricSolution:
+    """Reload `OUT/photometry_model` written by `PhotometryFit.write` (or `PhotometricSolution.save`)."""
+    return PhotometricSolution.load(path, like)
+
+
+# --------------------------------------------------------------------------------------------
+# The fit result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhotometryFit:
+    """Everything the photometric fit produced."""
+
+    model: PhotometricTransform  # fitted pixel -> calibration model (full, with group axes)
+    stars: PhotometricStars
+    solution: PhotometricSolution
+    data: InputData
+    association: Association
+    solver: Solver
+    state: FitState
+    mapping_mask: jax.Array
+    star_mask: np.ndarray  # (S, bands)
+    index: dict[str, np.ndarray]
+    bands: tuple[str, ...]
+    reference_bands: tuple[str, ...]
+    measurement_band: np.ndarray  # (m,) band index of each measurement
+    valid: np.ndarray  # (m,) bool: usable by the model (instFlux > 0 for magnitude models)
+    has_reference: np.ndarray  # (S, bands) bool: reference flux used
+    chi2: float
+    ndof: int
+    counts: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def calibration(self, visit, detector, x, y) -> np.ndarray:
+        """nJy per count at 0-based pixels of detector-visits given by id (vectorised, broadcast)."""
+        return self.solution.calibration(visit, detector, x, y)
+
+    def zero_point(self, visit, detector, x, y) -> np.ndarray:
+        return self.solution.zero_point(visit, detector, x, y)
+
+    def _measurement_calibration(self) -> np.ndarray:
+        if "meas_calib" not in self._cache:
+            idx = {k: jnp.asarray(v) for k, v in self.index.items() if k != "star"}
+            c, _ = _evaluate(self.model, idx, jnp.asarray(self.solver.problem.data["x"]),
+                             jnp.asarray(self.solver.problem.data["y"]))
+            self._cache["meas_calib"] = np.asarray(c)
+        return self._cache["meas_calib"]
+
+    def informative(self) -> np.ndarray:
+        """(m,) bool: unrejected measurements that constrain the calibration (their star has another
+        unrejected measurement in the band, or a reference flux there)."""
+        used = self.state.weights > 0
+        ref = self.has_reference & (self.state.star_weights[:, None] > 0)
+        return _informative(self.association.star, self.measurement_band, used, ref)
+
+    def chi2_per_measurement(self) -> np.ndarray:
+        return self.solver.chi2(self.state)[0]
+
+    def mapping_covariance(self) -> np.ndarray:
+        """(N, N) covariance of the mapping parameters, marginalised over the stars (not rescaled by chi2/ndof)."""
+        if "covariance" not in self._cache:
+            self._cache["covariance"] = self.solver.covariance(self.state, self.mapping_mask, self.star_mask)
+        return self._cache["covariance"]
+
+    def _mean_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(k,) mean calibration over each detector-visit and its 1-sigma error from the fit covariance."""
+        if "mean" in self._cache:
+            return self._cache["mean"]
+        a = self.association
+        xs, ys, ks = [], [], []
+        for k, (v, d) in enumerate(a.ccd_visits.tolist()):
+            cv = self.data.ccd_visits[(v, d)]
+            gx = (np.arange(MEAN_GRID) + 0.5) / MEAN_GRID * cv.nx - 0.5  # cell centres over [-0.5, n - 0.5]
+            gy = (np.arange(MEAN_GRID) + 0.5) / MEAN_GRID * cv.ny - 0.5
+            x, y = np.meshgrid(gx, gy)
+            xs.append(x.ravel())
+            ys.append(y.ravel())
+            ks.append(np.full(x.size, k))
+        x, y, k = (np.concatenate(v) for v in (xs, ys, ks))
+        idx = self.solution.index(a.ccd_visits[k, 0], a.ccd_visits[k, 1])
+        n_k = len(a.ccd_visits)
+        (pm, sm), _ = self.solver.split(self.state.mapping, self.state.stars)
+        layout = self.solver.layout
+        kj, xj, yj = jnp.asarray(k), jnp.asarray(x), jnp.asarray(y)
+
+        def means(flat):
+            model = eqx.combine(layout.unflatten(flat, pm), sm)
+            c, _ = _evaluate(model, idx, xj, yj)
+            return jax.ops.segment_sum(c, kj, n_k) / jax.ops.segment_sum(jnp.ones_like(c), kj, n_k)
+
+        flat = layout.flatten(pm)
+        mean = np.asarray(means(flat))
+        jac = np.asarray(jax.jacfwd(means)(flat)) if layout.size else np.zeros((n_k, 0))
+        cov = self.mapping_covariance()
+        var = np.einsum("kn,nm,km->k", jac, cov, jac)
+        self._cache["mean"] = (mean, np.sqrt(np.maximum(var, 0.0)))
+        return self._cache["mean"]
+
+    def mean_calibration(self) -> dict[tuple[int, int], tuple[float, float, float]]:
+        """(visit, detector) -> (mean nJy/count over the detector, its 1-sigma error, AB zero point
+        31.4 - 2.5 log10(mean)). The error propagates the mapping covariance (marginalised over the
+        stars, which carry the reference-flux errors) with the Jacobian of the mean (jax.jacfwd)."""
+        mean, err = self._mean_arrays()
+        zp = AB_ZERO_POINT_NJY - 2.5 * np.log10(mean)
+        return {(int(v), int(d)): (float(m), float(e), float(z))
+                for (v, d), m, e, z in zip(self.association.ccd_visits.tolist(), mean, err, zp)}
+
+    # -- tables ----------------------------------------------------------------------------------
+    def measurement_columns(self) -> dict[str, np.ndarray]:
+        """Per measurement, aligned with `association` order: calibrated flux and AB magnitude."""
+        a = self.association
+        src = self.data.sources
+        rows = a.source_index
+        c = self._measurement_calibration()
+        flux = src.inst_flux[rows] * c
+        flux_err = src.inst_flux_err[rows] * c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mag = np.where(flux > 0, AB_ZERO_POINT_NJY - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+            mag_err = np.where(flux > 0, MAG_PER_FRACTION * flux_err / flux, np.nan)
+        return {"calib_flux": flux, "calib_flux_err": flux_err, "calib_mag": mag, "calib_mag_err": mag_err,
+                "photometry_calibration": c, "photometry_chi2": self.chi2_per_measurement(),
+                "photometry_outlier": self.valid & (self.state.weights == 0),
+                "photometry_used": self.state.weights > 0}
+
+    def star_columns(self) -> dict[str, np.ndarray]:
+        """Fitted flux (nJy) and AB magnitude of every star in every band, with errors (conditional on
+        the fitted calibration); NaN where the star has no measurement in the band."""
+        value = np.asarray(self.stars.value)
+        cov = self.solver.star_covariance(self.state, self.star_mask)
+        err = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
+        fitted = self.star_mask > 0
+        n = np.zeros(value.shape, np.int64)
+        used = self.state.weights > 0
+        np.add.at(n, (self.association.star[used], self.measurement_band[used]), 1)
+        out: dict[str, np.ndarray] = {}
+        for b, band in enumerate(self.bands):
+            v, e = value[:, b], err[:, b]
+            if self.kind == "flux":
+                flux, flux_err = v, e
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    mag = np.where(v > 0, AB_ZERO_POINT_NJY - 2.5 * np.log10(np.abs(v)), np.nan)
+                    mag_err = MAG_PER_FRACTION * e / np.abs(v)
+            else:
+                mag, mag_err = v, e
+                flux = 10.0 ** (-0.4 * (v - AB_ZERO_POINT_NJY))
+                flux_err = flux * e / MAG_PER_FRACTION
+            for name, col in (("flux", flux), ("flux_err", flux_err), ("mag", mag), ("mag_err", mag_err)):
+                out[f"{name}_{band}" if not name.endswith("_err") else f"{name[:-4]}_{band}_err"] = \
+                    np.where(fitted[:, b], col, np.nan)
+            out[f"n_photometry_{band}"] = n[:, b]
+        return out
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def repeatability_mmag(self) -> float:
+        """RMS (mmag) of calibrated magnitudes of bright (S/N > 100) measurements about their star's
+        mean in that band, over stars with >= 2 such measurements (sum of squares / sum of (n - 1))."""
+        a = self.association
+        src = self.data.sources
+        rows = a.source_index
+        snr = src.inst_flux[rows] / src.inst_flux_err[rows]
+        mag = self.measurement_columns()["calib_mag"]
+        use = (self.state.weights > 0) & (snr > BRIGHT_SNR) & np.isfinite(mag)
+        key = a.star[use] * len(self.bands) + self.measurement_band[use]
+        if key.size == 0:
+            return float("nan")
+        groups, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+        mean = np.bincount(inv, weights=mag[use]) / cnt
+        dev2 = (mag[use] - mean[inv]) ** 2
+        dof = float(np.sum(cnt[cnt >= 2] - 1))
+        if dof <= 0:
+            return float("nan")
+        return float(np.sqrt(np.sum(dev2[(cnt >= 2)[inv]]) / dof) * 1000.0)
+
+    def metrics(self) -> dict[str, Any]:
+        state = self.state
+        has_ref_star = self.has_reference.any(axis=1)
+        seen = np.bincount(self.association.star, weights=self.valid.astype(float),
+                           minlength=self.association.n_stars) > 0
+        return {
+            "photometry_collected_refStars": int(self.counts.get("reference_stars_collected", 0)),
+            "photometry_prepared_refStars": int(has_ref_star.sum()),
+            "photometry_matched_fittedStars": int(has_ref_star.sum()),
+            "photometry_prepared_fittedStars": int(seen.sum()),
+            "photometry_prepared_ccdImages": int(len(self.association.ccd_visits)),
+            "photometry_final_chi2": self.chi2,
+            "photometry_final_ndof": self.ndof,
+            "photometry_chi2_per_ndof": self.chi2 / max(self.ndof, 1),
+            "photometry_model": type(self.model).__name__,
+            "photometry_bands": list(self.bands),
+            "photometry_reference_bands": list(self.reference_bands),
+            "photometry_repeatability_mmag": self.repeatability_mmag(),
+            "photometry_iterations": len(state.history),
+            "photometry_outliers": state.n_outliers,
+            "photometry_reference_outliers": state.n_reference_outliers,
+            "photometry_dropped_nonpositive_flux": int(self.counts.get("dropped_nonpositive_flux", 0)),
+            "photometry_uninformative_measurements": int(np.sum((self.state.weights > 0) & ~self.informative())),
+            "photometry_converged": state.converged,
+            "photometry_stage_seconds": dict(self.stage_seconds),
+            "photometry_sizes": self.solver.sizes,
+            "photometry_chi2_history": [h["chi2"] for h in state.history],
+        }
+
+    # -- output ----------------------------------------------------------------------------------
+    def calibration_table(self) -> dict[str, np.ndarray]:
+        """Per detector-visit: mean calibration (nJy/count) over the detector, its error, zero point."""
+        a = self.association
+        mean, err = self._mean_arrays()
+        vi = np.searchsorted(a.visits, a.ccd_visits[:, 0])
+        return {"visit": a.ccd_visits[:, 0], "detector": a.ccd_visits[:, 1],
+                "band": np.array([self.bands[b] for b in self.solution.visit_band[vi]], dtype=str),
+                "calib_mean": mean, "calib_err": err, "zero_point": AB_ZERO_POINT_NJY - 2.5 * np.log10(mean),
+                "zero_point_err": MAG_PER_FRACTION * err / mean}
+
+    def calibration_grid(self, grid: int = GRID) -> dict[str, np.ndarray]:
+        """The fitted calibration on a grid x grid of pixels (detector edges included) per detector-visit."""
+        a = self.association
+        cols: dict[str, list] = {"visit": [], "detector": [], "x": [], "y": []}
+        for v, d in a.ccd_visits.tolist():
+            cv = self.data.ccd_visits[(v, d)]
+            x, y = np.meshgrid(np.linspace(-0.5, cv.nx - 0.5, grid), np.linspace(-0.5, cv.ny - 0.5, grid))
+            cols["visit"].append(np.full(x.size, v))
+            cols["detector"].append(np.full(x.size, d))
+            cols["x"].append(x.ravel())
+            cols["y"].append(y.ravel())
+        out = {k: np.concatenate(v) for k, v in cols.items()}
+        out["calibration"], out["zero_point"] = self.solution.evaluate(out["visit"], out["detector"], out["x"],
+                                                                        out["y"])
+        return out
+
+    def write(self, out_dir: str | Path) -> None:
+        """photo_calib.parquet, photo_calib_grid.parquet (constrained models), photometry_model.{json,eqx}."""
+        out_dir = Path(out_dir)
+        _write_parquet(out_dir / "photo_calib.parquet", self.calibration_table())
+        if isinstance(self.model, (ConstrainedFlux, ConstrainedMagnitude)):
+            _write_parquet(out_dir / "photo_calib_grid.parquet", self.calibration_grid())
+        self.solution.save(out_dir / "photometry_model")
+
+
+def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Setting up
+# --------------------------------------------------------------------------------------------
+
+
+def _bands(data: InputData, assoc: Association):
+    """Band names, and the band index of each association visit."""
+    order = np.argsort(data.visits.visit)
+    pos = order[np.searchsorted(data.visits.visit, assoc.visits, sorter=order)]
+    names = data.visits.band[pos]
+    bands, visit_band = np.unique(names, return_inverse=True)
+    return tuple(str(b) for b in bands), visit_band.reshape(-1).astype(np.int64)
+
+
+def _reference_band(config: FitConfig, band: str, data: InputData) -> str:
+    ref_band = config.reference_band if config.reference_band is not None else band
+    if ref_band not in data.refcat.fluxes:
+        raise InputError(
+            f"photometry: the reference catalog has no fluxes for band {ref_band!r} (visit band {band!r}; "
+            f"config.reference_band = {config.reference_band!r}); it has {sorted(data.refcat.fluxes)}. "
+            "Set config.reference_band to one of those, or turn photometry off")
+    return ref_band
+
+
+def _reference_fluxes(data: InputData, assoc: Association, ref_bands, kind: str):
+    """(S, B) reference flux and error [nJy], NaN where the star has none or it is unusable."""
+    n_stars, n_bands = assoc.n_stars, len(ref_bands)
+    flux, err = np.full((n_stars, n_bands), np.nan), np.full((n_stars, n_bands), np.nan)
+    has = assoc.star_ref >= 0
+    r = assoc.star_ref[has]
+    for b, rb in enumerate(ref_bands):
+        f, e = data.refcat.fluxes[rb]
+        flux[has, b], err[has, b] = np.asarray(f, float)[r], np.asarray(e, float)[r]
+    ok = np.isfinite(flux) & np.isfinite(err) & (err > 0)
+    if kind == "magnitude":
+        ok &= flux > 0
+    return np.where(ok, flux, np.nan), np.where(ok, err, np.nan)
+
+
+def focal_plane_map(data: InputData, assoc: Association, config: FitConfig, astrometry=None) -> jm.Grouped:
+    """pixel -> focal plane per detector (Grouped by "detector", assoc.detectors order).
+
+    The fitted astrometric model's chip part when it has one, else the chips of a constrained
+    astrometric model fitted to the first-guess WCSs (affine; the focal frame is the visit
+    tangent plane de-rotated, in degrees)."""
+    model = getattr(astrometry, "model", None)
+    chip = getattr(model, "chip", None)
+    if isinstance(chip, jm.Grouped) and chip.by == "detector":
+        return chip
+    guess = initial_astrometric_model(data, assoc, config.replace(astrometry_model="constrained", chip_order=1,
+                                                                  visit_order=1))
+    return guess.chip
+
+
+def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
+    """Centre and half-width of the bounding box of all detectors in the focal plane."""
+    size = {}
+    for (v, d), cv in data.ccd_visits.items():
+        size.setdefault(int(d), (cv.nx, cv.ny))
+    t = np.linspace(0.0, 1.0, 9)
+    edge_u = np.concatenate([t, t, np.zeros_like(t), np.ones_like(t)])
+    edge_v = np.concatenate([np.zeros_like(t), np.ones_like(t), t, t])
+    xs, ys, ds = [], [], []
+    for di, d in enumerate(assoc.detectors.tolist()):
+        nx, ny = size[d]
+        xs.append(edge_u * nx - 0.5)
+        ys.append(edge_v * ny - 0.5)
+        ds.append(np.full(edge_u.size, di))
+    fx, fy = jm.evaluate(focal, {"detector": jnp.asarray(np.concatenate(ds))}, jnp.asarray(np.concatenate(xs)),
+                         jnp.asarray(np.concatenate(ys)))
+    fx, fy = np.asarray(fx), np.asarray(fy)
+    center = np.array([(fx.max() + fx.min()) / 2, (fy.max() + fy.min()) / 2])
+    half = np.maximum(np.array([np.ptp(fx), np.ptp(fy)]) / 2, 1e-9) * 1.01
+    return center, half
+
+
+def _median_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
+    """Median of `values` per group in [0, n); NaN for empty groups."""
+    out = np.full(n, np.nan)
+    if values.size == 0:
+        return out
+    order = np.lexsort((values, groups))
+    g, v = groups[order], values[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], g.size]
+    for s, e in zip(starts, ends):
+        out[g[s]] = np.median(v[s:e])
+    return out
+
+
+def _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands):
+    """Per detector-visit first-guess calibration [nJy/count]: median of reference flux / instFlux over
+    its measurements of reference stars; else its visit's, else its band's median."""
+    k_of = assoc.ccd_visit_index
+    n_k = len(assoc.ccd_visits)
+    per_k = _median_by(ratio[ratio_ok], k_of[ratio_ok], n_k)
+    per_v = _median_by(ratio[ratio_ok], assoc.visit_index[ratio_ok], len(assoc.visits))
+    per_b = _median_by(ratio[ratio_ok], m_band[ratio_ok], n_bands)
+    k_visit = np.searchsorted(assoc.visits, assoc.ccd_visits[:, 0])
+    per_v = np.where(np.isfinite(per_v), per_v, per_b[visit_band])
+    return np.where(np.isfinite(per_k), per_k, per_v[k_visit]), per_v
+
+
+def _reference_detectors(bd_band, bd_detector, assoc, n_bands) -> list[int]:
+    """Per band, the band-detector group seen in most visits (then with most measurements)."""
+    k_det = np.searchsorted(assoc.detectors, assoc.ccd_visits[:, 1])
+    n_visits_seen = np.bincount(k_det, minlength=len(assoc.detectors))
+    n_meas = np.bincount(assoc.detector_index, minlength=len(assoc.detectors))
+    refs = []
+    for b in range(n_bands):
+        groups = np.flatnonzero(bd_band == b)
+        d = bd_detector[groups]
+        refs.append(int(groups[np.lexsort((-n_meas[d], -n_visits_seen[d]))[0]]))
+    return refs
+
+
+def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarray, assoc: Association,
+                              bd_index, bd_band, bd_detector, visit_band, n_bands, focal=None, focal_center=None,
+                              focal_half=None, order: int = 7) -> PhotometricTransform:
+    """Starting model from per detector-visit and per visit first-guess calibrations."""
+    if form == "simple_flux":
+        return simple_flux(calib_k)
+    if form == "simple_magnitude":
+        return simple_magnitude(AB_ZERO_POINT_NJY - 2.5 * np.log10(calib_k))
+    # constrained: detector factor = median over its visits of calib_k / calib_v, reference detector = 1
+    k_visit = np.searchsorted(assoc.visits, assoc.ccd_visits[:, 0])
+    k_det = np.searchsorted(assoc.detectors, assoc.ccd_visits[:, 1])
+    n_det = len(assoc.detectors)
+    bd_keys = bd_band * n_det + bd_detector
+    k_group = np.searchsorted(bd_keys, visit_band[k_visit] * n_det + k_det)
+    factor = _median_by(np.log(calib_k / calib_v[k_visit]), k_group, len(bd_keys))
+    factor = np.where(np.isfinite(factor), factor, 0.0)
+    refs = _reference_detectors(bd_band, bd_detector, assoc, n_bands)
+    ref_factor = factor[refs]  # per band; reference detectors start at 1 (flux) / 0 (mag), visits compensate
+    factor = factor - ref_factor[bd_band]
+    log_visit = np.log(calib_v) + ref_factor[visit_band]
+    n_terms = jm.n_terms(order)
+    coeffs = np.zeros((len(assoc.visits), n_terms))
+    center, half = np.tile(focal_center, (len(assoc.visits), 1)), np.tile(focal_half, (len(assoc.visits), 1))
+    if form == "constrained_flux":
+        coeffs[:, 0] = np.exp(log_visit)
+        return constrained_flux(focal, np.exp(factor), coeffs, center, half, order, refs)
+    coeffs[:, 0] = AB_ZERO_POINT_NJY - 2.5 * log_visit / np.log(10.0)
+    return constrained_magnitude(focal, -2.5 * factor / np.log(10.0), coeffs, center, half, order, refs)
+
+
+def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: np.ndarray) -> np.ndarray:
+    """(m,) bool: used measurements whose star has another used measurement in the band, or a
+    reference flux there. The others only fix their own star's flux: no calibration information."""
+    n_stars, n_bands = has_ref.shape
+    n = np.zeros((n_stars, n_bands), np.int64)
+    np.add.at(n, (star[use], band[use]), 1)
+    return use & ((n[star, band] >= 2) | has_ref[star, band])
+
+
+def _unit_vectors(ra, dec) -> np.ndarray:
+    a, d = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The fit
+# --------------------------------------------------------------------------------------------
+
+
+def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astrometry=None, *,
+                   model: PhotometricTransform | None = None, mapping_filter=None, progress=None) -> PhotometryFit:
+    """Staged Gauss-Newton photometric fit with outlier rejection (jointcal's recipe, vectorised).
+
+    astrometry: an `AstrometryFit` whose model's chip part gives focal-plane positions (optional).
+    model: a starting model of any photometric form (default: built from the data as
+        `config.photometry_model` says); its groups must follow `assoc`'s order (and
+        "band_detector" the order of unique (band index, detector index) pairs).
+    """
+    t_start = time.perf_counter()
+    form = config.photometry_model
+    src = data.sources
+    rows = assoc.source_index
+    n = len(rows)
+    bands, visit_band = _bands(data, assoc)
+    n_bands = len(bands)
+    ref_bands = tuple(_reference_band(config, b, data) for b in bands)
+    m_band = visit_band[assoc.visit_index]
+    n_det = len(assoc.detectors)
+    bd_keys, bd_index = np.unique(m_band * n_det + assoc.detector_index, return_inverse=True)
+    bd_index = bd_index.reshape(-1)
+    bd_band, bd_detector = bd_keys // n_det, bd_keys % n_det
+
+    kind = model.kind if model is not None else ("magnitude" if form.endswith("magnitude") else "flux")
+    inst_flux, inst_err = src.inst_flux[rows], src.inst_flux_err[rows]
+    err = np.sqrt(inst_err**2 + (config.flux_pedestal * inst_flux) ** 2)
+    valid = np.isfinite(inst_flux) & (err > 0)
+    if kind == "magnitude":
+        valid &= inst_flux > 0
+    counts = {"dropped_nonpositive_flux": int(n - valid.sum())}
+    if counts["dropped_nonpositive_flux"]:
+        log.warning("photometry: %d measurement(s) with instFlux <= 0 dropped (a magnitude model cannot use them)",
+                    counts["dropped_nonpositive_flux"])
+    if not valid.any():
+        raise InputError("photometry: no measurement has a usable instFlux")
+
+    # reference fluxes, per star and band; used where the star is measured in that band
+    ref_flux, ref_err = _reference_fluxes(data, assoc, ref_bands, kind)
+    measured = np.zeros((assoc.n_stars, n_bands), bool)
+    measured[assoc.star[valid], m_band[valid]] = True
+    has_ref = np.isfinite(ref_flux) & measured
+    for b, band in enumerate(bands):
+        if not has_ref[:, b].any():
+            raise InputError(f"photometry: no star measured in band {band!r} matches a reference star with a "
+                             f"usable {ref_bands[b]!r} flux: the calibration's absolute level is undefined")
+    informative = _informative(assoc.star, m_band, valid, has_ref)
+    counts["uninformative_measurements"] = int(np.sum(valid & ~informative))
+    if counts["uninformative_measurements"]:
+        log.info("photometry: %d measurement(s) are the only one of their star in their band, without a reference "
+                 "flux: they cannot constrain the calibration (the model is unconstrained where only such "
+                 "measurements exist)", counts["uninformative_measurements"])
+    counts["reference_stars_collected"] = int(np.sum(np.any(
+        np.stack([np.isfinite(np.asarray(data.refcat.fluxes[rb][0], float)) for rb in set(ref_bands)]), axis=0)))
+
+    # first-guess calibration: reference flux / instFlux
+    star_ref_flux = ref_flux[assoc.star, m_band]
+    ratio_ok = valid & np.isfinite(star_ref_flux) & (inst_flux > 0) & (star_ref_flux > 0)
+    ratio = np.where(ratio_ok, star_ref_flux / np.where(inst_flux > 0, inst_flux, 1.0), np.nan)
+    calib_k, calib_v = _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands)
+
+    if model is None:
+        focal = center = half = None
+        if form.startswith("constrained"):
+            focal = focal_plane_map(data, assoc, config, astrometry)
+            center, half = _focal_domain(data, assoc, focal)
+        model = initial_photometric_model(form, calib_k, calib_v, assoc, bd_index, bd_band, bd_detector, visit_band,
+                                          n_bands, focal, center, half, config.photometry_visit_order)
+    kind = model.kind
+
+    index = {"star": assoc.star, "visit": assoc.visit_index, "detector": assoc.detector_index,
+             "ccd_visit": assoc.ccd_visit_index, "band_detector": bd_index}
+    x, y = src.x[rows], src.y[rows]
+    safe_flux = np.where(valid, inst_flux, 1.0)
+    mdata = {"x": x, "y": y, "band": m_band}
+    if kind == "flux":
+        mdata.update(inst_flux=safe_flux, err=np.where(valid, err, 1.0), c_fixed=np.ones(n), live=np.ones(n))
+        residual = flux_residual
+    else:
+        mdata["inst_mag"] = -2.5 * np.log10(np.where(safe_flux > 0, safe_flux, 1.0))
+        mdata["sigma"] = np.where(valid, np.sqrt((MAG_PER_FRACTION * err / safe_flux) ** 2
+                                                 + config.magnitude_pedestal**2), 1.0)
+        residual = magnitude_residual
+
+    # reference constraints in the model's units
+    if kind == "flux":
+        ref_value, ref_sigma = ref_flux, ref_err
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ref_value = AB_ZERO_POINT_NJY - 2.5 * np.log10(ref_flux)
+            ref_sigma = MAG_PER_FRACTION * ref_err / ref_flux
+    star_data = {"value": np.where(has_ref, ref_value, 0.0), "err": np.where(has_ref, ref_sigma, 1.0),
+                 "has": has_ref.astype(float)}
+
+    # stars start at their mean calibrated flux (or magnitude) in each band
+    idx_j = {k: jnp.asarray(v) for k, v in index.items() if k != "star"}
+    c0, z0 = (np.asarray(a) for a in _evaluate(model, idx_j, jnp.asarray(x), jnp.asarray(y)))
+    per_meas = inst_flux * c0 if kind == "flux" else mdata["inst_mag"] + z0
+    key = assoc.star * n_bands + m_band
+    total = np.bincount(key[valid], weights=per_meas[valid], minlength=assoc.n_stars * n_bands)
+    num = np.bincount(key[valid], minlength=assoc.n_stars * n_bands)
+    mean = (total / np.maximum(num, 1)).reshape(assoc.n_stars, n_bands)
+    default = np.where(has_ref, ref_value, 1.0 if kind == "flux" else 25.0)
+    stars = PhotometricStars(value=jnp.asarray(np.where(measured, mean, default)), kind=kind)
+
+    star_xyz = _unit_vectors(assoc.star_ra, assoc.star_dec)
+    problem = StructuredProblem(residual, reference_photometry_residual, model, stars, mdata, star_data, index,
+                                star_xyz, prior_dof=has_ref.sum(axis=1).astype(float), mapping_filter=mapping_filter)
+    solver = Solver(problem)
+    log.info("photometry (%s): %d measurements, %d stars (%d with reference), %d band(s), %d mapping + %d star "
+             "parameters", type(model).__name__, int(valid.sum()), solver.n_stars, int(has_ref.any(1).sum()),
+             n_bands, solver.sizes["mapping_parameters"], solver.sizes["star_parameters"])
+
+    pm_params, _ = eqx.partition(model, solver.mapping_filter)
+    ones = jax.tree.map(jnp.ones_like, pm_params)
+    gauge = getattr(model, "fix_gauge", None)
+    mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
+
+    state = FitState(model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
+    stage_seconds: dict[str, float] = {}
+
+    def star_mask_now() -> np.ndarray:
+        """(S, B): a star's band is fitted while it has an unrejected measurement or a used reference flux."""
+        active = np.zeros((solver.n_stars, n_bands))
+        np.add.at(active, (assoc.star, m_band), state.weights)
+        return ((active > 0) | (has_ref & (state.star_weights[:, None] > 0))).astype(float)
+
+    def refresh_errors(live: bool | None = None):
+        """Flux models: freeze the error's calibration at the current model (and switch modes)."""
+        if kind != "flux":
+            return
+        c, _ = _evaluate(state.mapping, idx_j, jnp.asarray(x), jnp.asarray(y))
+        update = {"c_fixed": jnp.abs(c)}
+        if live is not None:
+            update["live"] = jnp.full(n, 1.0 if live else 0.0)
+        solver.data = dict(solver.data, **update)
+
+    def total_chi2() -> float:
+        c_m, c_s = solver.chi2(state)
+        return float(c_m.sum() + c_s.sum())
+
+    def stage(name, fit_mapping, fit_stars, mmask):
+        nonlocal state
+        t0 = time.perf_counter()
+        refresh_errors()
+        try:
+            state = solver.run_stage(state, name, fit_mapping=fit_mapping, fit_stars=fit_stars, mapping_mask=mmask,
+                                     star_mask=star_mask_now(), max_iterations=config.max_iterations,
+                                     tolerance=config.tolerance, line_search=config.line_search)
+        except SingularSystemError as exc:
+            raise SingularSystemError(
+                f"photometry ({form}): {exc}. With a constrained model, lower config.photometry_visit_order "
+                f"(now {config.photometry_visit_order}) or use a simple_* model", exc.parameters) from exc
+        stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        if progress:
+            progress(f"photometry {name}", state.history[-1]["chi2"] if state.history else float("nan"))
+
+    first_stage = getattr(model, "first_stage", None)
+    if first_stage is not None:  # visit fields only, detectors held
+        stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)))
+    stage("model", True, False, mapping_mask)
+    stage("stars", False, True, mapping_mask)
+    stage("all", True, True, mapping_mask)
+    for _ in range(config.max_outlier_rounds):
+        ndof = solver.ndof(state, mapping_mask, star_mask_now())
+        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask_now())
+        state.n_outliers += n_meas
+        state.n_reference_outliers += n_ref
+        log.info("photometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
+        if n_meas + n_ref == 0:
+            break
+        stage("all", True, True, mapping_mask)
+    else:
+        if config.max_outlier_rounds:
+            log.warning("photometry: outlier rejection still finding outliers after %d rounds",
+                        config.max_outlier_rounds)
+            state.converged = False
+    if kind == "flux":  # jointcal's convention: errors held during each solve, refreshed until nothing moves
+        refresh_errors(live=False)
+        for _ in range(MAX_ERROR_REFRESHES):
+            refresh_errors()
+            before = total_chi2()
+            stage("all", True, True, mapping_mask)
+            after = total_chi2()
+            if abs(before - after) <= config.tolerance * max(after, 1e-300):
+                break
+        else:
+            log.warning("photometry: flux errors not converged after %d refreshes", MAX_ERROR_REFRESHES)
+        refresh_errors()
+    star_mask = star_mask_now()
+    chi2 = total_chi2()
+    ndof = solver.ndof(state, mapping_mask, star_mask)
+    stage_seconds["total"] = time.perf_counter() - t_start
+    log.info("photometry: chi2 %.6g, ndof %d (chi2/ndof %.4g), %d outliers", chi2, ndof, chi2 / max(ndof, 1),
+             state.n_outliers)
+    solution = PhotometricSolution(state.mapping, assoc.visits, assoc.detectors, assoc.ccd_visits, bands, visit_band,
+                                   np.stack([bd_band, bd_detector], axis=1))
+    return PhotometryFit(state.mapping, state.stars, solution, data, assoc, solver, state, mapping_mask, star_mask,
+                         index, bands, ref_bands, m_band, valid, has_ref, chi2, ndof, counts, stage_seconds)

@@ -1,0 +1,47 @@
+"""The diagnostic report on a tiny fit: every figure written, non-trivial, referenced."""
+
+import numpy as np
+import pytest
+
+import jcal
+from jcal.report import make_report, residual_correlation
+
+
+@pytest.fixture(scope="module")
+def fit_dir(tmp_path_factory):
+    sim = jcal.simulate("tiny", seed=1)
+    result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
+    out = tmp_path_factory.mktemp("fit") / "out"
+    result.write(out)
+    return out
+
+
+def test_report_images(fit_dir):
+    from PIL import Image
+    index = make_report(fit_dir)
+    assert index == fit_dir / "report" / "index.html"
+    text = index.read_text()
+    pngs = sorted((fit_dir / "report").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"hist_normalised.png", "chi2_ccd_visit.png", "residual_vs_mag.png", "correlation.png",
+            "chi2_history.png"} <= names
+    assert any(n.startswith("quiver_visit_") for n in names)
+    for p in pngs:
+        assert p.stat().st_size > 1024
+        pix = np.asarray(Image.open(p))
+        assert pix.std() > 0, p.name
+        assert f"src='{p.name}'" in text
+    assert "photometr" in text.lower()  # the note that photometry is absent
+    assert not list(fit_dir.glob(".report.tmp-*"))  # atomic: no leftovers
+    make_report(fit_dir)  # re-running replaces it
+
+
+def test_correlation_of_coherent_field():
+    rng = np.random.default_rng(0)
+    u, v = rng.uniform(0, 1, (2, 2000))
+    rx, ry = np.ones(2000), np.zeros(2000)  # a constant field: <r1.r2> = 1 at all separations
+    _, xi = residual_correlation(u, v, rx, ry, np.zeros(2000, int), 0.5)
+    ok = xi["pairs"] > 0
+    assert np.allclose(xi["xi_plus"][ok], 1.0)
+    _, xi = residual_correlation(u, v, rng.normal(size=2000), rng.normal(size=2000), np.zeros(2000, int), 0.5)
+    assert np.all(np.abs(xi["xi_plus"][xi["pairs"] > 500]) < 0.2)
