@@ -23,6 +23,9 @@ if os.environ.get("JCAL_XLA_MULTITHREAD") != "1" and "xla_cpu_multi_thread_eigen
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # sky positions need float64
+# CPU async dispatch hangs some large programs for good (jax-ml/jax#25861, seen here too);
+# jcal synchronises after every step anyway, so nothing is lost by turning it off.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 from .api import fit  # noqa: E402
 from .associate import Association, associate  # noqa: E402

@@ -13,7 +13,7 @@ sim = jcal.simulate("tiny", seed=1)
 config = jcal.FitConfig(visit_order=3, photometry=False)
 init = initial_astrometric_model(sim.data, associate(sim.data, config), config)
 forms = {"constrained": init, "radial": extra.radial_astrometry(init),
-         "turbulent": extra.turbulent_astrometry(init, nodes=3)}
+         "pixel_grid": extra.pixel_grid_astrometry(init)}
 
 # %%
 for name, form in forms.items():

@@ -6,6 +6,7 @@
 # %%
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import jcal
