@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="jcal-demo-out")
     p.add_argument("--preset", default="small")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report", action="store_true", help="also write the diagnostic report")
+
+    p = sub.add_parser("report", help="write the diagnostic report (PNG + HTML) of a fit's output directory")
+    p.add_argument("out_dir")
 
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
@@ -87,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         jcal.write_simulation(sim, args.out, overwrite=args.overwrite)
         print(f"wrote {len(sim.data.sources)} detections to {args.out}")
         return 0
+    if args.command == "report":
+        from .report import make_report
+        print(make_report(args.out_dir))
+        return 0
     if args.command == "demo":
         sim = jcal.simulate(args.preset, seed=0)
         config = jcal.FitConfig(visit_order=3)
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = run_fit(data, config, Path(args.out), quiet=args.quiet, overwrite=True, timings={})
         if "astrometry_chi2_per_ndof" in metrics and not args.quiet:
             print(f"astrometry chi2/ndof = {metrics['astrometry_chi2_per_ndof']:.4f}")
+        if args.report:
+            from .report import make_report
+            print(make_report(Path(args.out)))
         return 0
     return 2  # pragma: no cover - argparse only accepts the commands above
 

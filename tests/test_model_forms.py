@@ -94,9 +94,7 @@ def jm_partition(model):
 
 
 @pytest.mark.parametrize("name", [
-    "radial", "pixel_grid",
-    pytest.param("turbulent", marks=pytest.mark.xfail(reason="normal equations reported singular in the "
-                                                      "reference-only 'mappings' stage on tiny; open", strict=False)),
+    "radial", "pixel_grid", "turbulent",
 ])
 def test_fits_tiny_survey(setup, name):
     sim, init, core = setup

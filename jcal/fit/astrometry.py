@@ -29,7 +29,7 @@ from jcal_models import MAS, Stars, sky_to_tangent
 from ..associate import Association
 from ..config import FitConfig
 from ..data import InputData, InputError
-from ..solver import FitState, Solver, StructuredProblem
+from ..solver import FitState, Solver, StructuredProblem, small_linalg
 from .initialise import initial_astrometric_model
 
 log = logging.getLogger("jcal.fit.astrometry")
@@ -64,7 +64,7 @@ def _whitening(model, index, x, y, x_err, y_err, pedestal_deg):
         jac = jnp.stack(jax.jacfwd(lambda p: jnp.stack(sky_to_tangent(*view(p[0], p[1]), ra0, dec0)))(
             jnp.stack([xi, yi])))  # (2, 2): d(xi, eta) / d(x, y)
         cov = jac @ jnp.diag(jnp.stack([sx**2, sy**2])) @ jac.T + pedestal_deg**2 * jnp.eye(2)
-        return jnp.linalg.inv(jnp.linalg.cholesky(cov))
+        return small_linalg.solve_lower(small_linalg.cholesky(cov), jnp.eye(2))  # L^-1
 
     return jax.vmap(one)(index, x, y, x_err, y_err)
 

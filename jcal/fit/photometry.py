@@ -1,40 +1,44 @@
 """The photometric fit: association in, fitted calibration model and star fluxes out.
 
-It mirrors `jcal.fit.astrometry`: the same structured Gauss-Newton solver, the same stages,
-the same leave-one-out outlier rejection. Model forms are in `jcal_models.photometry`
-(`config.photometry_model`: simple_flux, simple_magnitude, constrained_flux,
-constrained_magnitude).
+It mirrors `jcal.fit.astrometry`: the same structured Gauss-Newton solver, the same stages
+(constrained models: visit fields only, then the whole model; then the star fluxes; then
+everything), the same leave-one-out outlier rejection rounds. Model forms are in
+`jcal_models.photometry` (`config.photometry_model`: simple_flux, simple_magnitude,
+constrained_flux, constrained_magnitude); the gauge of the constrained forms is one held
+reference detector constant per band (`fix_gauge`).
 
 Residual of measurement i (star s, band b, pixel (x, y) of detector-visit k):
 
 - flux models:      r_i = (instFlux_i * c(x, y) - F_s,b) / sigma_i,
-                    sigma_i = c(x, y) * sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2);
+                    sigma_i = |c(x, y)| * err_i;
 - magnitude models: r_i = (-2.5 log10(instFlux_i) + z(x, y) - m_s,b) / sigma_i,
-                    sigma_i = sqrt((1.0857 * err_i / instFlux_i)^2 + magnitude_pedestal^2),
-                    err_i = sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2).
+                    sigma_i = sqrt((1.0857 * err_i / instFlux_i)^2 + magnitude_pedestal^2);
+- err_i = sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2) for both.
 
 The error of a flux model moves with the calibration. jointcal holds it FIXED during each
 linear solve (its Jacobian ignores the error's derivative) and so converges to a fixed point,
-not to the minimum of chi2; jcal's final answer is that same fixed point: after the outlier
+not to the minimum of chi2. jcal's final answer is that same fixed point: after the outlier
 rounds the error's calibration is frozen (`c_fixed`), an "all" stage is solved with it held,
-and freeze-and-solve repeats until chi2 no longer changes (to `config.tolerance`). On
+and freeze-and-solve repeats until chi2 no longer changes (to `config.tolerance`); on
 cfht_minimal this reproduces jointcal's chi2 to 7 digits. The EARLY stages and the outlier
-rounds, however, use the error with its derivative (the true chi2, sigma = |c| err evaluated
-live): with the error held, shrinking every calibration and star flux by a factor a < 1
-lowers the measurement chi2 by a^2, which only the reference fluxes resist; before gross
-outliers (mis-associations: chi2 ~ 1e5 each) are rejected this pulls the whole solution
-down by >10 %, the reference fluxes then look like outliers and the fit collapses. The live
-error has no such pull. At the fixed point the pull remains, but is small: the absolute
-level sits ~ chi2_measurements / sum_refs (F/sigma_F)^2 low (0.2 % on the "small"
-simulation) - a property of jointcal's convention, not of the relative calibration.
-Magnitude errors do not depend on the model. Measurements with instFlux <= 0 cannot enter a magnitude model: they get weight 0
-(logged, counted in the metrics, never reported as outliers).
+rounds, however, use the error with its derivative (the true chi2: sigma = |c| err evaluated
+live). Reason: with the error held, shrinking every calibration and star flux by a factor
+a < 1 lowers the measurement chi2 by a^2, which only the reference fluxes resist; before
+gross outliers (mis-associations, chi2 ~ 1e5 each) are rejected this pulls the whole solution
+down by > 10 %, the reference fluxes then look like outliers and the fit collapses. The live
+error has no such pull. At the fixed point the pull remains but is small: the absolute
+level sits low by ~ chi2_measurements / sum_refs (F_ref / sigma_ref)^2 (0.1-0.2 % on the
+simulations) - a property of jointcal's convention that leaves the relative calibration
+alone. Magnitude errors do not depend on the model.
 
-A star with a reference flux in the band (refcat band `config.reference_band`, or the
-visit's band name) adds (F_s,b - F_ref) / F_ref_err (flux models) or
-(m_s,b - m_ref) / (1.0857 F_ref_err / F_ref) (magnitude models). Every band of a
-multi-band fit has its own star fluxes, detector constants and gauge; bands only share the
-star list (and, through the visit fields, nothing else). Colour terms are not modelled.
+Measurements with instFlux <= 0 cannot enter a magnitude model: they get weight 0 (logged,
+counted in the metrics, never reported as outliers).
+
+A star with a reference flux in the band (refcat band `config.reference_band` for every
+band if set, else the visit's band name) adds (F_s,b - F_ref) / F_ref_err (flux models) or
+(m_s,b - m_ref) / (1.0857 F_ref_err / F_ref) (magnitude models). A multi-band fit is one
+problem, but the bands only share the star list: each band has its own star fluxes,
+detector constants (group "band_detector") and gauge. Colour terms are not modelled.
 
 The focal-plane position used by constrained models is the chip part of the fitted
 astrometric model when `astrometry` has one (`model.chip`, Grouped by "detector"), else
@@ -42,6 +46,11 @@ that of a constrained astrometric model fitted to the first-guess WCSs (affine p
 detector, `jcal.fit.initialise`): the first-guess WCSs always exist, whereas the optional
 camera table has no pixel size or orientation. It is fixed data inside the model (a
 `fixed_field`), so the model maps any pixel to a calibration on its own.
+
+Where only measurements of stars seen once in a band (and without a reference flux) fall,
+nothing constrains the calibration: a high-order field there follows whatever few
+measurements tie it down (`PhotometryFit.informative`, metric
+``photometry_uninformative_measurements``).
 """
 
 from __future__ import annotations
@@ -160,6 +169,24 @@ def _evaluate(model, index, x, y):
         return 10.0 ** (-0.4 * (value - AB_ZERO_POINT_NJY)), value
 
     return jax.vmap(one)(index, x, y)
+
+
+@jax.jit
+def _local_means(pm, sm, index, gx, gy):
+    """Per detector-visit k: mean calibration over its grid (gx[k], gy[k]) and its gradient with
+    respect to the fitted parameters of the groups it sees, flattened in layout order."""
+
+    def one(idx, x, y):
+        def mean(pm_view):
+            view = eqx.combine(pm_view, jm.gather(sm, idx))
+            return jnp.mean(jax.vmap(view.calibration)(x, y))
+
+        pm_view = jm.gather(pm, idx)
+        grads = jax.tree.leaves(jax.grad(mean)(pm_view))
+        flat = jnp.concatenate([g.ravel() for g in grads]) if grads else jnp.zeros(0)
+        return mean(pm_view), flat
+
+    return jax.vmap(one)(index, gx, gy)
 
 
 @dataclass(frozen=True)
@@ -313,36 +340,34 @@ class PhotometryFit:
         return self._cache["covariance"]
 
     def _mean_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(k,) mean calibration over each detector-visit and its 1-sigma error from the fit covariance."""
+        """(k,) mean calibration over each detector-visit and its 1-sigma error from the fit covariance.
+
+        The mean over a detector-visit depends only on the parameter groups it sees (its visit,
+        detector, ...): its gradient is taken in that local view (jax.jacrev, vmapped over
+        detector-visits, as the solver does per measurement) and scattered to the global columns.
+        """
         if "mean" in self._cache:
             return self._cache["mean"]
         a = self.association
-        xs, ys, ks = [], [], []
-        for k, (v, d) in enumerate(a.ccd_visits.tolist()):
+        grids = []
+        for v, d in a.ccd_visits.tolist():
             cv = self.data.ccd_visits[(v, d)]
             gx = (np.arange(MEAN_GRID) + 0.5) / MEAN_GRID * cv.nx - 0.5  # cell centres over [-0.5, n - 0.5]
             gy = (np.arange(MEAN_GRID) + 0.5) / MEAN_GRID * cv.ny - 0.5
-            x, y = np.meshgrid(gx, gy)
-            xs.append(x.ravel())
-            ys.append(y.ravel())
-            ks.append(np.full(x.size, k))
-        x, y, k = (np.concatenate(v) for v in (xs, ys, ks))
-        idx = self.solution.index(a.ccd_visits[k, 0], a.ccd_visits[k, 1])
-        n_k = len(a.ccd_visits)
+            grids.append(np.meshgrid(gx, gy))
+        gx = jnp.asarray(np.stack([g[0].ravel() for g in grids]))  # (k, G)
+        gy = jnp.asarray(np.stack([g[1].ravel() for g in grids]))
+        index = self.solution.index(a.ccd_visits[:, 0], a.ccd_visits[:, 1])
         (pm, sm), _ = self.solver.split(self.state.mapping, self.state.stars)
+        mean, jac = _local_means(pm, sm, index, gx, gy)
+        mean, jac = np.asarray(mean), np.asarray(jac)
         layout = self.solver.layout
-        kj, xj, yj = jnp.asarray(k), jnp.asarray(x), jnp.asarray(y)
-
-        def means(flat):
-            model = eqx.combine(layout.unflatten(flat, pm), sm)
-            c, _ = _evaluate(model, idx, xj, yj)
-            return jax.ops.segment_sum(c, kj, n_k) / jax.ops.segment_sum(jnp.ones_like(c), kj, n_k)
-
-        flat = layout.flatten(pm)
-        mean = np.asarray(means(flat))
-        jac = np.asarray(jax.jacfwd(means)(flat)) if layout.size else np.zeros((n_k, 0))
-        cov = self.mapping_covariance()
-        var = np.einsum("kn,nm,km->k", jac, cov, jac)
+        if layout.size:
+            cols = layout.columns(layout.group_index({k: np.asarray(v) for k, v in index.items()}, len(mean)))
+            cov = self.mapping_covariance()
+            var = np.einsum("kp,kpq,kq->k", jac, cov[cols[:, :, None], cols[:, None, :]], jac)
+        else:
+            var = np.zeros_like(mean)
         self._cache["mean"] = (mean, np.sqrt(np.maximum(var, 0.0)))
         return self._cache["mean"]
 
@@ -593,16 +618,18 @@ def _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands):
     return np.where(np.isfinite(per_k), per_k, per_v[k_visit]), per_v
 
 
-def _reference_detectors(bd_band, bd_detector, assoc, n_bands) -> list[int]:
-    """Per band, the band-detector group seen in most visits (then with most measurements)."""
-    k_det = np.searchsorted(assoc.detectors, assoc.ccd_visits[:, 1])
-    n_visits_seen = np.bincount(k_det, minlength=len(assoc.detectors))
-    n_meas = np.bincount(assoc.detector_index, minlength=len(assoc.detectors))
+def _reference_detectors(bd_band: np.ndarray, k_group: np.ndarray, bd_index: np.ndarray) -> list[int]:
+    """Per band, the band-detector group seen in most of the band's visits (then with most measurements).
+
+    bd_band (g,) band of each group; k_group (k,) group of each detector-visit; bd_index (m,) of each
+    measurement."""
+    n_groups = len(bd_band)
+    n_visits_seen = np.bincount(k_group, minlength=n_groups)
+    n_meas = np.bincount(bd_index, minlength=n_groups)
     refs = []
-    for b in range(n_bands):
+    for b in range(int(bd_band.max()) + 1):
         groups = np.flatnonzero(bd_band == b)
-        d = bd_detector[groups]
-        refs.append(int(groups[np.lexsort((-n_meas[d], -n_visits_seen[d]))[0]]))
+        refs.append(int(groups[np.lexsort((-n_meas[groups], -n_visits_seen[groups]))[0]]))
     return refs
 
 
@@ -622,7 +649,7 @@ def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarra
     k_group = np.searchsorted(bd_keys, visit_band[k_visit] * n_det + k_det)
     factor = _median_by(np.log(calib_k / calib_v[k_visit]), k_group, len(bd_keys))
     factor = np.where(np.isfinite(factor), factor, 0.0)
-    refs = _reference_detectors(bd_band, bd_detector, assoc, n_bands)
+    refs = _reference_detectors(bd_band, k_group, bd_index)
     ref_factor = factor[refs]  # per band; reference detectors start at 1 (flux) / 0 (mag), visits compensate
     factor = factor - ref_factor[bd_band]
     log_visit = np.log(calib_v) + ref_factor[visit_band]

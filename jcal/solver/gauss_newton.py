@@ -25,6 +25,7 @@ from scipy import special, stats
 
 from jcal_models import parameter_filter
 
+from . import small_linalg
 from .layout import BlockGroups, ParameterLayout, Tiles
 from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, linearise,
                                measurement_terms, reduced_covariance)
@@ -71,7 +72,7 @@ class FitState:
     n_reference_outliers: int = 0
 
 
-_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
+_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=('return_matrix',))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
 _deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
@@ -181,15 +182,28 @@ class Solver:
         for iteration in range(max_iterations):
             t0 = time.perf_counter()
             (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-            step = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
-                         (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights, star_weights,
-                         mmask, smask)
-            chi2_old = float(step.chi2)
-            if not math.isfinite(chi2_old):
-                raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
-                               "check the input for non-finite values or a first-guess WCS far off")
-            if not bool(step.cholesky_ok) or not np.all(np.isfinite(np.asarray(step.delta_mapping))):
+            # Levenberg damping only when the undamped reduced system is numerically singular
+            for damping in (0.0, 1e-10, 1e-8, 1e-6):
+                step = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping,
+                             fit_stars, (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights,
+                             star_weights, mmask, smask, damping)
+                chi2_old = float(step.chi2)
+                if not math.isfinite(chi2_old):
+                    raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
+                                   "check the input for non-finite values or a first-guess WCS far off")
+                if bool(step.cholesky_ok) and np.all(np.isfinite(np.asarray(step.delta_mapping))):
+                    break
+                if damping == 0.0:  # structurally degenerate (null space) or merely ill-conditioned?
+                    full = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping,
+                                 fit_stars, (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights,
+                                 star_weights, mmask, smask, 0.0, return_matrix=True)
+                    error = self._singular(name, full, mmask)
+                    if error.parameters:
+                        raise error
+            else:
                 raise self._singular(name, step, mmask)
+            if damping:
+                log.warning("stage %s: near-singular normal equations, damped by %g", name, damping)
             alpha, chi2_new, trial = 1.0, math.inf, state
             for _ in range(12 if line_search else 1):
                 trial = self._apply(state, pm, ps, step, alpha)
@@ -207,7 +221,11 @@ class Solver:
                 break
             state.mapping, state.stars = trial.mapping, trial.stars
             log.debug("stage %s it %d chi2 %.6g -> %.6g (step %.3g)", name, iteration, chi2_old, chi2_new, alpha)
-            if chi2_old - chi2_new <= tolerance * max(chi2_new, 1e-300):
+            # converged when the step gained little, or when the linear model predicted the full
+            # step's gain exactly (the next step could only gain about that mismatch)
+            gain, predicted = chi2_old - chi2_new, float(step.predicted_decrease)
+            if gain <= tolerance * max(chi2_new, 1e-300) or (
+                    alpha == 1.0 and abs(gain - predicted) <= tolerance * max(chi2_new, 1e-300)):
                 converged = True
                 break
         if not converged:
@@ -225,6 +243,9 @@ class Solver:
                         state.n_outliers, state.n_reference_outliers)
 
     def _singular(self, name: str, step, mmask) -> SingularSystemError:
+        """Name what makes the reduced system singular: parameters with no information, groups
+        with fewer residuals than parameters, and (given `step.scaled_matrix`) the parameters
+        spanning its null space. An error with no `parameters` means: ill-conditioned only."""
         diag = np.asarray(step.reduced_diagonal)
         free = np.asarray(mmask) > 0
         scale = np.median(diag[free]) if free.any() else 1.0
@@ -238,10 +259,20 @@ class Solver:
                 counts = np.bincount(self.problem.index[key], minlength=n_groups) * self.residual_dim
                 starved += [f"{key} {g} ({counts[g]} residuals for {p} parameters)"
                             for g in np.flatnonzero(counts < p)[:10]]
+        null = []
+        if step.scaled_matrix is not None and not named and not starved:
+            h = np.asarray(step.scaled_matrix)[np.ix_(free, free)]
+            values, vectors = np.linalg.eigh(h)
+            small = values < 1e-10 * max(values[-1], 1e-300)
+            if small.any():  # exact degeneracy: name the parameters that move along it
+                weight = np.abs(vectors[:, small]).max(axis=1)
+                null = [names[i] for i in np.flatnonzero(free)[np.argsort(-weight)[:10]]]
+                null = [f"{int(small.sum())} degenerate direction(s) involving " + ", ".join(null[:5])]
         return SingularSystemError(
             f"stage {name!r}: the normal equations are singular; {len(weak)} mapping parameter(s) have no "
-            f"constraint (e.g. {named[:5]}); under-determined groups: {starved or 'none found'}. Lower the "
-            "polynomial order, add data, or freeze them.", named + starved)
+            f"constraint (e.g. {named[:5]}); under-determined groups: {starved or 'none found'}; "
+            f"{null[0] if null else 'no exact null space found'}. Fix the gauge (see the model form's "
+            "fix_gauge), lower the polynomial order, add data, or freeze parameters.", named + starved + null)
 
     # -- outliers and statistics -----------------------------------------------------------------
     def ndof(self, state: FitState, mapping_mask, star_mask) -> int:
@@ -312,4 +343,4 @@ class Solver:
         lin = _linearise(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
                          self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
                          jnp.zeros(self.layout.size), smask)
-        return np.asarray(jnp.linalg.inv(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
+        return np.asarray(small_linalg.spd_inverse(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]

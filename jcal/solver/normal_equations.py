@@ -25,10 +25,11 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import cho_solve
 
 from jcal_models import gather
 
+from . import small_linalg as small
 from .layout import ParameterLayout
 
 
@@ -52,6 +53,8 @@ class Step(NamedTuple):
     chi2: jax.Array  # at the current parameters
     reduced_diagonal: jax.Array  # (N,) diagonal of the reduced system (to name degeneracies)
     cholesky_ok: jax.Array  # bool
+    predicted_decrease: jax.Array = 0.0  # chi2 decrease of the full step if the model were linear
+    scaled_matrix: jax.Array | None = None  # Jacobi-scaled reduced matrix, when asked for
 
 
 def _flat_rows(tree, d: int) -> jax.Array:
@@ -188,7 +191,7 @@ def _star_cholesky(h_ss: jax.Array) -> jax.Array:
     """Batched Cholesky of the (S, q, q) star blocks, with a tiny relative jitter."""
     q = h_ss.shape[-1]
     scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h_ss, axis1=1, axis2=2)), axis=1), 1.0)
-    return jnp.linalg.cholesky(h_ss + 1e-12 * scale[:, None, None] * jnp.eye(q))
+    return small.cholesky(h_ss + 1e-12 * scale[:, None, None] * jnp.eye(q))
 
 
 class Linearised(NamedTuple):
@@ -227,7 +230,7 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
 def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
     """C_i = J_m^T J_s (n, P, q) and G_i = L_s^-1 C_i^T (n, q, P): fill = sum_tiles Phi Phi^T."""
     c = jnp.einsum("ndp,ndq->npq", lin.jm, lin.js)
-    gs = jax.vmap(lambda l, ct: solve_triangular(l, ct, lower=True))(l_s[star], c.transpose(0, 2, 1))
+    gs = small.solve_lower(l_s[star], c.transpose(0, 2, 1))
     return c, gs
 
 
@@ -235,25 +238,29 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
                       fit_mapping: bool, fit_stars: bool,
                       mapping, stars, data, star_data, system: System,
                       weights: jax.Array, star_weights: jax.Array,
-                      mapping_mask: jax.Array, star_mask: jax.Array) -> Step:
+                      mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0,
+                      return_matrix: bool = False) -> Step:
     """Solve the normal equations for one Gauss-Newton step (minimising 0.5 |r|^2).
 
     weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
     change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
-    parameters and 0 for fixed ones (gauge, fitting stage).
+    parameters and 0 for fixed ones (gauge, fitting stage). `damping` adds a multiple of the
+    identity to the Jacobi-scaled reduced system (Levenberg), for near-singular systems only.
     """
     star = system.index["star"]
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask)
     l_s = _star_cholesky(lin.h_ss)
-    y_s = jax.vmap(lambda l, b: cho_solve((l, True), b))(l_s, lin.b_s)  # H_ss^-1 b_s
+    y_s = small.cho_solve(l_s, lin.b_s)  # H_ss^-1 b_s
 
     n_map = layout.size
     if not fit_mapping or n_map == 0:
-        return Step(jnp.zeros(n_map), y_s * star_mask, lin.chi2, jnp.zeros(n_map),
-                    jnp.all(jnp.isfinite(y_s)))
+        ds = y_s * star_mask
+        return Step(jnp.zeros(n_map), ds, lin.chi2, jnp.zeros(n_map), jnp.all(jnp.isfinite(y_s)),
+                    jnp.sum(lin.b_s * ds))
 
     b_local = -jnp.einsum("ndp,nd->np", lin.jm, lin.r)
+    b_gradient = jnp.zeros(n_map).at[system.columns].add(b_local)  # -J_m^T r, before elimination
     c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
     if fit_stars:
         b_local = b_local - jnp.einsum("npq,nq->np", c, y_s[star])
@@ -262,15 +269,19 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
     diag = jnp.diagonal(h)
     # Jacobi scaling keeps Cholesky accurate when parameter scales differ by many decades
     d = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-    factor = jnp.linalg.cholesky(h * d[:, None] * d[None, :])
+    scaled = h * d[:, None] * d[None, :]
+    factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(n_map))
     dm = d * cho_solve((factor, True), b_m * d)
     ok = jnp.all(jnp.isfinite(factor))
     if fit_stars:
         back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, dm[system.columns]), star, y_s.shape[0])
-        ds = jax.vmap(lambda l, b: cho_solve((l, True), b))(l_s, lin.b_s - back)
+        ds = small.cho_solve(l_s, lin.b_s - back)
     else:
         ds = jnp.zeros_like(y_s)
-    return Step(dm * mapping_mask, ds * star_mask, lin.chi2, diag, ok)
+    dm, ds = dm * mapping_mask, ds * star_mask
+    # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
+    predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
+    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled if return_matrix else None)
 
 
 def reduced_covariance(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
@@ -284,7 +295,9 @@ def reduced_covariance(residual_fn, prior_fn, layout: ParameterLayout, mapping, 
     _, gs = _fill_factors(lin, _star_cholesky(lin.h_ss), system.index["star"])
     h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
     free = (mapping_mask > 0)[:, None] & (mapping_mask > 0)[None, :]
-    return jnp.where(free, jnp.linalg.inv(h), 0.0)
+    d = 1.0 / jnp.sqrt(jnp.diagonal(h))
+    factor = jnp.linalg.cholesky(h * d[:, None] * d[None, :])
+    return jnp.where(free, d[:, None] * cho_solve((factor, True), jnp.diag(d)), 0.0)
 
 
 def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
@@ -299,14 +312,15 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
     """
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask)
-    h_inv = jnp.linalg.inv(lin.h_ss)
+    h_inv = small.spd_inverse(lin.h_ss)
     star = system.index["star"]
 
     def deleted(r, j, hinv):
-        lev = j @ hinv @ j.T
-        m = jnp.eye(r.shape[0]) - lev
-        ok = jnp.linalg.det(m) > 1e-6
-        return jnp.where(ok, r @ jnp.linalg.solve(jnp.where(ok, m, jnp.eye(r.shape[0])), r), 0.0)
+        m = jnp.eye(r.shape[0]) - j @ hinv @ j.T  # SPD unless the term is all its star has
+        l = small.cholesky(m)
+        ok = jnp.all(jnp.diagonal(l) > 1e-3)
+        z = small.solve_lower(jnp.where(ok, l, jnp.eye(r.shape[0])), r)
+        return jnp.where(ok, z @ z, 0.0)
 
     chi2_m = jax.vmap(deleted)(lin.r, lin.js, h_inv[star])
     if prior_fn is None:

@@ -462,6 +462,7 @@ class JointcalTask(Task):
         p.add_argument("--no-backup-config", action="store_true")
         p.add_argument("--doraise", action="store_true", help="raise on failure instead of exitStatus=1")
         p.add_argument("--quiet", action="store_true")
+        p.add_argument("--report", action="store_true", help="also write the diagnostic report (OUT/report/)")
         return p
 
     @classmethod
@@ -505,6 +506,9 @@ class JointcalTask(Task):
             status, res = 1, None
         if res is not None:
             task.writeMetadata(parsed.out)
+            if parsed.report:
+                from ..report import make_report
+                make_report(parsed.out)
             if not parsed.quiet:
                 m = res.metrics
                 for key in ("astrometry_final_chi2", "astrometry_final_ndof", "astrometry_outliers",
