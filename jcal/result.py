@@ -80,11 +80,11 @@ class FitResult:
         }
         if fit is not None:
             ra, dec = self.solution.pixel_to_sky(cols["visit"], cols["detector"], cols["x"], cols["y"])
-            epoch = np.asarray(fit.solver.data["epoch"])
+            epoch = np.asarray(fit.solver.data["epoch"])[: len(a.star)]
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
             xi, eta = (np.asarray(v) for v in jm.sky_to_tangent(ra, dec, sra, sdec))
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
-                        chi2=fit.chi2_per_measurement(), outlier=fit.state.weights == 0)
+                        chi2=fit.chi2_per_measurement(), outlier=fit.weights == 0)
         if self.photometry is not None:
             cols.update(self.photometry.measurement_columns())
         return cols

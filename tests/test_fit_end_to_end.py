@@ -42,7 +42,7 @@ def test_chi2_and_outliers(small_fit):
     assert 0.95 < m["astrometry_chi2_per_ndof"] < 1.1
     a = result.association
     truth_outlier = sim.truth.measurements.is_outlier[a.source_index]
-    rejected = result.astrometry.state.weights == 0
+    rejected = result.astrometry.weights == 0
     assert truth_outlier.sum() > 0
     assert (truth_outlier & ~rejected).sum() <= 1  # injected gross outliers found
     assert m["astrometry_converged"]

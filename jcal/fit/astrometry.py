@@ -85,6 +85,11 @@ class AstrometryFit:
     ndof: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def weights(self) -> np.ndarray:
+        """(n,) 1 for measurements used, 0 for rejected outliers (association order)."""
+        return self.state.weights[: self.solver.n_real]
+
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
 
@@ -162,7 +167,8 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     star_xyz = _unit_vectors(assoc.star_ra, assoc.star_dec)
     prior_dof = 2 * has_ref + (2 if proper_motion else 0)
     problem = StructuredProblem(astrometric_residual, reference_residual, model, stars, mdata, star_data, index,
-                                star_xyz, prior_dof=prior_dof.astype(float), mapping_filter=mapping_filter)
+                                star_xyz, prior_dof=prior_dof.astype(float), prior_rejectable=has_ref,
+                                mapping_filter=mapping_filter)
     solver = Solver(problem)
     log.info("astrometry: %d measurements, %d stars (%d with reference), %d mapping + %d star parameters",
              solver.n_measurements, solver.n_stars, has_ref.sum(), solver.sizes["mapping_parameters"],
@@ -173,10 +179,9 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     ones = jax.tree.map(jnp.ones_like, pm_params)
     gauge = getattr(model, "fix_gauge", None)
     mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
-    star_mask = np.ones((solver.n_stars, 4 if proper_motion else 2))
+    star_mask = np.ones((solver.stars_real, 4 if proper_motion else 2))
 
-    weights = np.ones(solver.n_measurements)
-    state = FitState(model, stars, weights, np.maximum(has_ref, proper_motion).astype(float))
+    state = solver.new_state(model, stars, np.ones(solver.n_real), np.maximum(has_ref, proper_motion).astype(float))
     stage_seconds: dict[str, float] = {}
 
     def refresh_errors():
@@ -184,14 +189,15 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         idx = {k: jnp.asarray(v) for k, v in index.items() if k != "star"}
         w = _whitening(state.mapping, idx, jnp.asarray(mdata["x"]), jnp.asarray(mdata["y"]),
                        jnp.asarray(src.x_err[rows]), jnp.asarray(src.y_err[rows]), ped)
-        solver.data = dict(solver.data, whiten=w)
+        solver.set_data("whiten", np.asarray(w))
 
     def stage(name, fit_mapping, fit_stars, mmask, only_reference=False):
         t0 = time.perf_counter()
         refresh_errors()
         saved = state.weights
-        if only_reference and _references_constrain_every_group(solver, index, saved * has_ref[assoc.star]):
-            state.weights = saved * has_ref[assoc.star]
+        reference_only = saved * solver.pad_measurements(has_ref[assoc.star])
+        if only_reference and _references_constrain_every_group(solver, index, reference_only[: solver.n_real]):
+            state.weights = reference_only
         new = solver.run_stage(state, name, fit_mapping=fit_mapping, fit_stars=fit_stars, mapping_mask=mmask,
                                star_mask=star_mask, max_iterations=config.max_iterations,
                                tolerance=config.tolerance, line_search=config.line_search)
@@ -209,7 +215,8 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     state = stage("all", True, True, mapping_mask)
     for _ in range(config.max_outlier_rounds):
         ndof = solver.ndof(state, mapping_mask, star_mask)
-        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask)
+        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask,
+                                               config.min_measurements)
         state.n_outliers += n_meas
         state.n_reference_outliers += n_ref
         log.info("astrometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
@@ -224,7 +231,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start
-    return AstrometryFit(state.mapping, state.stars, assoc, solver, state, mapping_mask, star_mask, index,
+    return AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask, index,
                          float(c_m.sum() + c_s.sum()), ndof, stage_seconds)
 
 

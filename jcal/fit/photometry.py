@@ -307,6 +307,16 @@ class PhotometryFit:
     def kind(self) -> str:
         return self.model.kind
 
+    @property
+    def weights(self) -> np.ndarray:
+        """(m,) 1 for measurements used, 0 for rejected outliers and dropped ones (association order)."""
+        return np.asarray(self.state.weights)[: self.association.n_measurements]
+
+    @property
+    def star_weights(self) -> np.ndarray:
+        """(S,) 1 where the star's reference fluxes are used (0: rejected, or none)."""
+        return np.asarray(self.state.star_weights)[: self.association.n_stars]
+
     # -- evaluation ------------------------------------------------------------------------------
     def calibration(self, visit, detector, x, y) -> np.ndarray:
         """nJy per count at 0-based pixels of detector-visits given by id (vectorised, broadcast)."""
@@ -318,16 +328,17 @@ class PhotometryFit:
     def _measurement_calibration(self) -> np.ndarray:
         if "meas_calib" not in self._cache:
             idx = {k: jnp.asarray(v) for k, v in self.index.items() if k != "star"}
-            c, _ = _evaluate(self.model, idx, jnp.asarray(self.solver.problem.data["x"]),
-                             jnp.asarray(self.solver.problem.data["y"]))
+            rows = self.association.source_index
+            c, _ = _evaluate(self.model, idx, jnp.asarray(self.data.sources.x[rows]),
+                             jnp.asarray(self.data.sources.y[rows]))
             self._cache["meas_calib"] = np.asarray(c)
         return self._cache["meas_calib"]
 
     def informative(self) -> np.ndarray:
         """(m,) bool: unrejected measurements that constrain the calibration (their star has another
         unrejected measurement in the band, or a reference flux there)."""
-        used = self.state.weights > 0
-        ref = self.has_reference & (self.state.star_weights[:, None] > 0)
+        used = self.weights > 0
+        ref = self.has_reference & (self.star_weights[:, None] > 0)
         return _informative(self.association.star, self.measurement_band, used, ref)
 
     def chi2_per_measurement(self) -> np.ndarray:
@@ -394,8 +405,8 @@ class PhotometryFit:
             mag_err = np.where(flux > 0, MAG_PER_FRACTION * flux_err / flux, np.nan)
         return {"calib_flux": flux, "calib_flux_err": flux_err, "calib_mag": mag, "calib_mag_err": mag_err,
                 "photometry_calibration": c, "photometry_chi2": self.chi2_per_measurement(),
-                "photometry_outlier": self.valid & (self.state.weights == 0),
-                "photometry_used": self.state.weights > 0}
+                "photometry_outlier": self.valid & (self.weights == 0),
+                "photometry_used": self.weights > 0}
 
     def star_columns(self) -> dict[str, np.ndarray]:
         """Fitted flux (nJy) and AB magnitude of every star in every band, with errors (conditional on
@@ -405,7 +416,7 @@ class PhotometryFit:
         err = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
         fitted = self.star_mask > 0
         n = np.zeros(value.shape, np.int64)
-        used = self.state.weights > 0
+        used = self.weights > 0
         np.add.at(n, (self.association.star[used], self.measurement_band[used]), 1)
         out: dict[str, np.ndarray] = {}
         for b, band in enumerate(self.bands):
@@ -434,7 +445,7 @@ class PhotometryFit:
         rows = a.source_index
         snr = src.inst_flux[rows] / src.inst_flux_err[rows]
         mag = self.measurement_columns()["calib_mag"]
-        use = (self.state.weights > 0) & (snr > BRIGHT_SNR) & np.isfinite(mag)
+        use = (self.weights > 0) & (snr > BRIGHT_SNR) & np.isfinite(mag)
         key = a.star[use] * len(self.bands) + self.measurement_band[use]
         if key.size == 0:
             return float("nan")
@@ -468,7 +479,8 @@ class PhotometryFit:
             "photometry_outliers": state.n_outliers,
             "photometry_reference_outliers": state.n_reference_outliers,
             "photometry_dropped_nonpositive_flux": int(self.counts.get("dropped_nonpositive_flux", 0)),
-            "photometry_uninformative_measurements": int(np.sum((self.state.weights > 0) & ~self.informative())),
+            "photometry_uninformative_measurements": int(np.sum((self.weights > 0) & ~self.informative())),
+            "photometry_suspect_ccdImages": int(self.counts.get("suspect_ccd_visits", 0)),
             "photometry_converged": state.converged,
             "photometry_stage_seconds": dict(self.stage_seconds),
             "photometry_sizes": self.solver.sizes,
@@ -672,6 +684,25 @@ def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: n
     return use & ((n[star, band] >= 2) | has_ref[star, band])
 
 
+def _new_state(solver: Solver, mapping, stars, weights, star_weights) -> FitState:
+    """A fit state for `solver` (which may pad measurements and stars to bucketed sizes)."""
+    if hasattr(solver, "new_state"):
+        return solver.new_state(mapping, stars, weights, star_weights)
+    return FitState(mapping, stars, weights, star_weights)
+
+
+def _set_data(solver: Solver, name: str, values: np.ndarray) -> None:
+    """Replace one per-measurement data array (association size) in the solver."""
+    if hasattr(solver, "set_data"):
+        solver.set_data(name, values)
+    else:
+        solver.data = dict(solver.data, **{name: jnp.asarray(values)})
+
+
+def _real_stars(solver: Solver, stars):
+    return solver.real_stars(stars) if hasattr(solver, "real_stars") else stars
+
+
 def _unit_vectors(ra, dec) -> np.ndarray:
     a, d = np.radians(ra), np.radians(dec)
     return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=1)
@@ -791,7 +822,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
                                 star_xyz, prior_dof=has_ref.sum(axis=1).astype(float), mapping_filter=mapping_filter)
     solver = Solver(problem)
     log.info("photometry (%s): %d measurements, %d stars (%d with reference), %d band(s), %d mapping + %d star "
-             "parameters", type(model).__name__, int(valid.sum()), solver.n_stars, int(has_ref.any(1).sum()),
+             "parameters", type(model).__name__, int(valid.sum()), assoc.n_stars, int(has_ref.any(1).sum()),
              n_bands, solver.sizes["mapping_parameters"], solver.sizes["star_parameters"])
 
     pm_params, _ = eqx.partition(model, solver.mapping_filter)
@@ -799,24 +830,23 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     gauge = getattr(model, "fix_gauge", None)
     mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
 
-    state = FitState(model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
+    state = _new_state(solver, model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
     stage_seconds: dict[str, float] = {}
 
     def star_mask_now() -> np.ndarray:
         """(S, B): a star's band is fitted while it has an unrejected measurement or a used reference flux."""
-        active = np.zeros((solver.n_stars, n_bands))
-        np.add.at(active, (assoc.star, m_band), state.weights)
-        return ((active > 0) | (has_ref & (state.star_weights[:, None] > 0))).astype(float)
+        active = np.zeros((assoc.n_stars, n_bands))
+        np.add.at(active, (assoc.star, m_band), state.weights[:n])
+        return ((active > 0) | (has_ref & (state.star_weights[: assoc.n_stars, None] > 0))).astype(float)
 
     def refresh_errors(live: bool | None = None):
         """Flux models: freeze the error's calibration at the current model (and switch modes)."""
         if kind != "flux":
             return
         c, _ = _evaluate(state.mapping, idx_j, jnp.asarray(x), jnp.asarray(y))
-        update = {"c_fixed": jnp.abs(c)}
+        _set_data(solver, "c_fixed", np.abs(np.asarray(c)))
         if live is not None:
-            update["live"] = jnp.full(n, 1.0 if live else 0.0)
-        solver.data = dict(solver.data, **update)
+            _set_data(solver, "live", np.full(n, 1.0 if live else 0.0))
 
     def total_chi2() -> float:
         c_m, c_s = solver.chi2(state)
@@ -878,5 +908,31 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
              state.n_outliers)
     solution = PhotometricSolution(state.mapping, assoc.visits, assoc.detectors, assoc.ccd_visits, bands, visit_band,
                                    np.stack([bd_band, bd_detector], axis=1))
-    return PhotometryFit(state.mapping, state.stars, solution, data, assoc, solver, state, mapping_mask, star_mask,
-                         index, bands, ref_bands, m_band, valid, has_ref, chi2, ndof, counts, stage_seconds)
+    fit = PhotometryFit(state.mapping, _real_stars(solver, state.stars), solution, data, assoc, solver, state,
+                        mapping_mask, star_mask, index, bands, ref_bands, m_band, valid, has_ref, chi2, ndof, counts,
+                        stage_seconds)
+    _check_field(fit)
+    return fit
+
+
+SUSPECT_RATIO = 1.5  # max / min calibration over a detector beyond which the field is called suspect
+
+
+def _check_field(fit: PhotometryFit) -> None:
+    """Warn about detector-visits where the fitted calibration is <= 0 or varies by more than
+    SUSPECT_RATIO over the detector: a field unconstrained there (too high an order for the data)."""
+    grid = fit.calibration_grid()
+    k = np.repeat(np.arange(len(fit.association.ccd_visits)), GRID * GRID)
+    c = grid["calibration"]
+    lo = np.full(k.max() + 1, np.inf)
+    hi = np.full(k.max() + 1, -np.inf)
+    np.minimum.at(lo, k, c)
+    np.maximum.at(hi, k, c)
+    bad = (lo <= 0) | (hi > SUSPECT_RATIO * lo)
+    fit.counts["suspect_ccd_visits"] = int(bad.sum())
+    if bad.any():
+        pairs = fit.association.ccd_visits[bad][:10].tolist()
+        log.warning("photometry: on %d detector-visit(s) the fitted calibration is <= 0 or varies by more than a "
+                    "factor %g over the detector (the field is unconstrained there; lower "
+                    "config.photometry_visit_order): %s", int(bad.sum()), SUSPECT_RATIO,
+                    ", ".join(f"(visit={v}, detector={d})" for v, d in pairs))

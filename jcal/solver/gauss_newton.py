@@ -9,6 +9,7 @@ never change: outliers get weight 0 and fixed parameters mask 0 instead of being
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -26,7 +27,7 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from . import small_linalg
-from .layout import BlockGroups, ParameterLayout, Tiles
+from .layout import BlockGroups, ParameterLayout, Tiles, bucket
 from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, linearise,
                                measurement_terms, reduced_covariance)
 
@@ -56,6 +57,7 @@ class StructuredProblem:
     index: dict[str, np.ndarray]  # group key -> (n,) int; must include "star"
     star_xyz: np.ndarray  # (S, 3) unit vectors, to tile the stars spatially
     prior_dof: np.ndarray | None = None  # (S,) number of active prior components per star
+    prior_rejectable: np.ndarray | None = None  # (S,) bool: prior is data (a catalog), may be an outlier
     mapping_filter: Any = None  # bool pytree: fitted leaves (default: parameter_filter)
     stars_per_tile: int = 128
 
@@ -98,13 +100,17 @@ class Solver:
     """Host-side driver around the jitted step, for one problem structure."""
 
     def __init__(self, problem: StructuredProblem):
+        # Measurements and stars are padded to bucketed sizes (weight 0, parameters fixed), so
+        # that a second survey of similar size reuses the compiled step.
+        self.n_real, self.stars_real = len(problem.index["star"]), int(problem.star_xyz.shape[0])
+        n, s = bucket(self.n_real), bucket(self.stars_real)
+        problem = _padded(problem, n, s)
         self.problem = problem
         filt = problem.mapping_filter if problem.mapping_filter is not None else parameter_filter(problem.mapping)
         self.mapping_filter = filt
         pm, _ = eqx.partition(problem.mapping, filt)
         self.layout = ParameterLayout.of(pm, problem.mapping)
         self.star_filter = parameter_filter(problem.stars)
-        n = len(problem.index["star"])
         groups = self.layout.group_index(problem.index, n)
         blocks = BlockGroups.of(groups)
         tiles = Tiles.of(np.asarray(problem.index["star"]), problem.star_xyz, groups, problem.stars_per_tile)
@@ -121,15 +127,36 @@ class Solver:
         )
         self.data = jax.tree.map(jnp.asarray, problem.data)
         self.star_data = None if problem.star_data is None else jax.tree.map(jnp.asarray, problem.star_data)
-        self.n_measurements = n
-        self.n_stars = int(problem.star_xyz.shape[0])
+        self.n_measurements = n  # padded sizes, as the device arrays have them
+        self.n_stars = s
         self.sizes = {
-            "measurements": n, "stars": self.n_stars, "mapping_parameters": self.layout.size,
-            "star_parameters": int(_star_flat(eqx.filter(problem.stars, self.star_filter)).size),
+            "measurements": self.n_real, "stars": self.stars_real, "mapping_parameters": self.layout.size,
+            "star_parameters": int(_star_flat(eqx.filter(problem.stars, self.star_filter)).size
+                                   * self.stars_real // s),
+            "padded_measurements": n, "padded_stars": s,
             "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
             "tile_width": int(tiles.measurements.shape[1]),
             "tile_columns": int(sum(g.shape[1] * p for g, p in zip(tiles.groups, self.layout.row_sizes))),
         }
+
+    # -- padding ---------------------------------------------------------------------------------
+    def pad_measurements(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        return _pad_rows(np.asarray(values), self.n_measurements, fill)
+
+    def pad_stars(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        return _pad_rows(np.asarray(values), self.n_stars, fill)
+
+    def new_state(self, mapping, stars, weights, star_weights) -> FitState:
+        """A state from real-size stars and weights (padding gets weight 0)."""
+        return FitState(mapping, _pad_tree(stars, self.n_stars), self.pad_measurements(weights),
+                        self.pad_stars(star_weights))
+
+    def real_stars(self, stars):
+        return jax.tree.map(lambda a: a[: self.stars_real], stars)
+
+    def set_data(self, name: str, values) -> None:
+        """Replace one per-measurement data array (real size), e.g. refreshed error weights."""
+        self.data = dict(self.data, **{name: jnp.asarray(_pad_rows(np.asarray(values), self.n_measurements))})
 
     # -- parameter vectors ---------------------------------------------------------------------
     def split(self, mapping, stars):
@@ -155,6 +182,11 @@ class Solver:
 
     # -- fitting ---------------------------------------------------------------------------------
     def chi2(self, state: FitState) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) measurement and (S,) prior chi2 contributions (real sizes)."""
+        c_m, c_s = self._chi2(state)
+        return c_m[: self.n_real], c_s[: self.stars_real]
+
+    def _chi2(self, state: FitState) -> tuple[np.ndarray, np.ndarray]:
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         c_m, c_s = _chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
                          self.star_data, self.system.index, jnp.asarray(state.weights),
@@ -163,6 +195,7 @@ class Solver:
 
     def _effective_star_mask(self, state: FitState, star_mask) -> jax.Array:
         """Stars with no unrejected measurement and no prior have nothing to fit: fix them."""
+        star_mask = _pad_rows(np.asarray(star_mask), self.n_stars, 0.0)
         active = np.bincount(np.asarray(self.problem.index["star"]), weights=state.weights,
                              minlength=self.n_stars)
         if self.problem.prior_dof is not None:
@@ -207,7 +240,7 @@ class Solver:
             alpha, chi2_new, trial = 1.0, math.inf, state
             for _ in range(12 if line_search else 1):
                 trial = self._apply(state, pm, ps, step, alpha)
-                c_m, c_s = self.chi2(trial)
+                c_m, c_s = self._chi2(trial)
                 chi2_new = float(c_m.sum() + c_s.sum())
                 if chi2_new <= chi2_old * (1 + 1e-12) or not line_search:
                     break
@@ -292,7 +325,8 @@ class Solver:
                                                          idx, with_jacobian=False))
         return int(shape.shape[1])
 
-    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int, star_mask) -> tuple[int, int]:
+    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int, star_mask,
+                        min_measurements: int = 2) -> tuple[int, int]:
         """Reject, per star, the worst measurement or reference term beyond n_sigma.
 
         Terms are scored by their leave-one-out chi2 (see `leave_one_out_chi2`) against the
@@ -300,7 +334,7 @@ class Solver:
         n_sigma, scaled by chi2/ndof when that exceeds 1 (errors too small). Only one term per
         star goes per round: terms of one star interact through it; stars do not interact.
         """
-        c_m, c_s = self.chi2(state)
+        c_m, c_s = self._chi2(state)
         scale = max((c_m.sum() + c_s.sum()) / max(ndof, 1), 1.0)
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         d_m, d_s = (np.asarray(a) for a in _deleted_chi2(
@@ -314,6 +348,8 @@ class Solver:
         if self.problem.prior_dof is not None:
             cut_s = stats.chi2.isf(tail, np.maximum(self.problem.prior_dof, 1)) * scale
             score_s = np.where(state.star_weights > 0, d_s / cut_s, 0.0)
+            if self.problem.prior_rejectable is not None:  # a prior that is not data stays
+                score_s = np.where(self.problem.prior_rejectable, score_s, 0.0)
         worst = score_s.copy()
         np.maximum.at(worst, star, score_m)
         candidates = np.flatnonzero((score_m > 1) & (score_m >= worst[star]))
@@ -323,6 +359,11 @@ class Solver:
         has_rejected = np.zeros(self.n_stars, bool)
         has_rejected[star[reject_m]] = True
         reject_s = (score_s > 1) & (score_s >= worst) & ~has_rejected
+        weights = np.where(reject_m, 0.0, state.weights)
+        # a star left with too few measurements cannot tell which of them was wrong: drop it
+        left = np.bincount(star, weights=weights, minlength=self.n_stars)
+        orphaned = (left < min_measurements) & (left > 0) & np.isin(np.arange(self.n_stars), star[reject_m])
+        reject_m |= orphaned[star] & (weights > 0)
         state.weights = np.where(reject_m, 0.0, state.weights)
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())
@@ -343,4 +384,31 @@ class Solver:
         lin = _linearise(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
                          self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
                          jnp.zeros(self.layout.size), smask)
-        return np.asarray(small_linalg.spd_inverse(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
+        cov = np.asarray(small_linalg.spd_inverse(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
+        return cov[: self.stars_real]
+
+
+def _pad_rows(a: np.ndarray, size: int, fill=None) -> np.ndarray:
+    """`a` grown to `size` rows: with `fill`, or repeating row 0 (valid data) when fill is None."""
+    extra = size - a.shape[0]
+    if extra <= 0:
+        return a
+    pad = np.repeat(a[:1], extra, axis=0) if fill is None else np.full((extra,) + a.shape[1:], fill, a.dtype)
+    return np.concatenate([a, pad], axis=0)
+
+
+def _pad_tree(tree, size: int):
+    return jax.tree.map(lambda a: jnp.asarray(_pad_rows(np.asarray(a), size)), tree)
+
+
+def _padded(problem: StructuredProblem, n: int, s: int) -> StructuredProblem:
+    """Padding measurements repeat row 0 (finite data; they get weight 0); padding stars
+    repeat star 0 and are held fixed (no measurement, no prior)."""
+    pad_m = lambda tree: jax.tree.map(lambda a: _pad_rows(np.asarray(a), n), tree)  # noqa: E731
+    pad_s = lambda tree: jax.tree.map(lambda a: _pad_rows(np.asarray(a), s), tree)  # noqa: E731
+    return dataclasses.replace(
+        problem, stars=_pad_tree(problem.stars, s), data=pad_m(problem.data), index=pad_m(problem.index),
+        star_data=None if problem.star_data is None else pad_s(problem.star_data), star_xyz=pad_s(problem.star_xyz),
+        prior_dof=None if problem.prior_dof is None else _pad_rows(np.asarray(problem.prior_dof), s, 0.0),
+        prior_rejectable=None if problem.prior_rejectable is None
+        else _pad_rows(np.asarray(problem.prior_rejectable, bool), s, False))
