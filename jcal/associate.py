@@ -50,6 +50,7 @@ from scipy.spatial import cKDTree
 
 from jcal.config import FitConfig
 from jcal.data import InputData, InputError
+from jcal.sky import angle, to_radec, unit_vectors  # noqa: F401  (re-exported)
 
 __all__ = ["Association", "associate"]
 
@@ -104,28 +105,9 @@ class Association:
 # --------------------------------------------------------------------------- geometry
 
 
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """(n,) deg, (n,) deg -> (n, 3) unit vectors."""
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    cd = np.cos(dec)
-    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
-
-
-def _to_radec(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) vectors (any norm > 0) -> (n,) ra in [0, 360), (n,) dec, degrees."""
-    ra = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0])) % 360.0
-    dec = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
-    return ra, dec
-
-
 def _chord(angle_rad: np.ndarray | float) -> np.ndarray | float:
     """Chord length on the unit sphere of an angular separation."""
     return 2.0 * np.sin(np.minimum(np.asarray(angle_rad), np.pi) / 2.0)
-
-
-def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angular separation (rad) of (n, 3) unit vectors; accurate at tiny separations."""
-    return np.arctan2(np.linalg.norm(np.cross(a, b), axis=-1), np.sum(a * b, axis=-1))
 
 
 def _carry(xyz: np.ndarray, pmra: np.ndarray, pmdec: np.ndarray, dt: np.ndarray) -> np.ndarray:
@@ -146,8 +128,8 @@ def _carry(xyz: np.ndarray, pmra: np.ndarray, pmdec: np.ndarray, dt: np.ndarray)
 
 def _sky_box(ra: np.ndarray, dec: np.ndarray) -> str:
     """Human-readable RA/Dec bounding box, wrap-aware in RA."""
-    xyz = _unit_vectors(ra, dec)
-    ra0, _ = _to_radec(xyz.sum(axis=0, keepdims=True))
+    xyz = unit_vectors(ra, dec)
+    ra0, _ = to_radec(xyz.sum(axis=0, keepdims=True))
     wrapped = (ra - ra0[0] + 180.0) % 360.0 - 180.0 + ra0[0]  # cut opposite the mean RA
     return (f"RA [{wrapped.min() % 360:.5f}, {wrapped.max() % 360:.5f}] deg, "
             f"Dec [{dec.min():.5f}, {dec.max():.5f}] deg")
@@ -307,16 +289,16 @@ def _collect_references(data: InputData, ccd_keys: np.ndarray,
         ccd = data.ccd_visits[(visit, detector)]
         px = np.array([(ccd.nx - 1) / 2, -0.5, ccd.nx - 0.5, -0.5, ccd.nx - 0.5])
         py = np.array([(ccd.ny - 1) / 2, -0.5, -0.5, ccd.ny - 0.5, ccd.ny - 0.5])
-        cxyz = _unit_vectors(*ccd.wcs.all_pix2world(px, py, 0))
+        cxyz = unit_vectors(*ccd.wcs.all_pix2world(px, py, 0))
         if not np.all(np.isfinite(cxyz)):
             continue
-        cap = 1.1 * _angle(cxyz[:1], cxyz[1:]).max()
+        cap = 1.1 * angle(cxyz[:1], cxyz[1:]).max()
         cand = np.asarray(tree.query_ball_point(cxyz[0], float(_chord(cap))), dtype=np.int64)
         near[cand] = True
         cand = cand[~inside[cand]]
         if cand.size == 0:
             continue
-        ra, dec = _to_radec(ref_xyz[cand])
+        ra, dec = to_radec(ref_xyz[cand])
         x, y = ccd.wcs.all_world2pix(ra, dec, 0, quiet=True)
         on = (x >= -0.5) & (x <= ccd.nx - 0.5) & (y >= -0.5) & (y <= ccd.ny - 0.5)
         inside[cand[on]] = True
@@ -368,7 +350,7 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
     cr = np.concatenate(cand_ref) if cand_ref else np.zeros(0, np.int64)
 
     moved = _carry(ref_xyz[cr], pmra[cr], pmdec[cr], star_epoch[cs] - ref_epoch[cr])  # (c, 3)
-    sep = _angle(star_xyz[cs], moved)
+    sep = angle(star_xyz[cs], moved)
     keep = sep <= radius_rad
     cs, cr, sep, moved = cs[keep], cr[keep], sep[keep], moved[keep]
     # Each star's nearest reference ...
@@ -428,7 +410,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
                     "detector-visit(s): %s", int((~finite).sum()), _name_list(bad_keys))
         rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
     counts["sources_projected"] = int(rows.size)
-    xyz = _unit_vectors(ra, dec)  # (s, 3)
+    xyz = unit_vectors(ra, dec)  # (s, 3)
 
     # 3. Grouping.
     radius = config.match_radius_arcsec * _ARCSEC
@@ -473,11 +455,11 @@ def associate(data: InputData, config: FitConfig) -> Association:
     star_xyz = np.zeros((n_stars, 3))
     np.add.at(star_xyz, star, m_xyz)
     star_xyz /= np.linalg.norm(star_xyz, axis=1, keepdims=True)
-    star_ra, star_dec = _to_radec(star_xyz)
+    star_ra, star_dec = to_radec(star_xyz)
     star_epoch = np.bincount(star, weights=m_epoch, minlength=n_stars) / nmeas
 
     # 4. Reference matching.
-    ref_xyz = _unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
+    ref_xyz = unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
     sel_keys = np.unique(np.stack([visit, detector], axis=1), axis=0)
     collected, near = _collect_references(data, sel_keys, ref_xyz)
     counts["reference_stars_total"] = len(ref)
@@ -496,7 +478,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
              collected.sum(), len(ref), matched.sum(), config.ref_match_radius_arcsec)
     if not matched.any():
         _, nearest = cKDTree(ref_xyz).query(xyz)
-        med = np.median(_angle(xyz, ref_xyz[nearest])) / _ARCSEC
+        med = np.median(angle(xyz, ref_xyz[nearest])) / _ARCSEC
         raise InputError(
             f"no star matches the reference catalog within ref_match_radius_arcsec = "
             f"{config.ref_match_radius_arcsec:g}: the first-guess WCS probably misses the refcat. "
@@ -505,7 +487,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
             f" ({collected.sum()} reference stars fall on the detectors)"
         )
     star_ref_ra, star_ref_dec = np.full(n_stars, np.nan), np.full(n_stars, np.nan)
-    star_ref_ra[matched], star_ref_dec[matched] = _to_radec(ref_at_star[matched])
+    star_ref_ra[matched], star_ref_dec[matched] = to_radec(ref_at_star[matched])
     star_ref_ra_err, star_ref_dec_err = np.full(n_stars, np.nan), np.full(n_stars, np.nan)
     if config.reference_error_mas is not None:
         star_ref_ra_err[matched] = star_ref_dec_err[matched] = config.reference_error_mas

@@ -27,6 +27,7 @@ import jcal_models as jm
 from jcal_models import MAS, Stars, sky_to_tangent
 
 from ..associate import Association
+from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, Solver, StructuredProblem, small_linalg
@@ -164,7 +165,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     index = {"star": assoc.star, "visit": assoc.visit_index, "detector": assoc.detector_index,
              "ccd_visit": assoc.ccd_visit_index}
     mdata = {"x": src.x[rows], "y": src.y[rows], "epoch": epoch, "whiten": np.zeros((len(rows), 2, 2))}
-    star_xyz = _unit_vectors(assoc.star_ra, assoc.star_dec)
+    star_xyz = unit_vectors(assoc.star_ra, assoc.star_dec)
     prior_dof = 2 * has_ref + (2 if proper_motion else 0)
     problem = StructuredProblem(astrometric_residual, reference_residual, model, stars, mdata, star_data, index,
                                 star_xyz, prior_dof=prior_dof.astype(float), prior_rejectable=has_ref,
@@ -243,8 +244,3 @@ def _references_constrain_every_group(solver: Solver, index, weights) -> bool:
         if np.min(counts) * 2 < 2 * p:
             return False
     return True
-
-
-def _unit_vectors(ra, dec) -> np.ndarray:
-    a, d = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=1)

@@ -12,6 +12,7 @@ import jcal_models as jm
 from jcal_models import Polynomial, sky_to_tangent
 
 from ..associate import Association
+from ..sky import to_radec, unit_vectors
 from ..config import FitConfig
 from ..data import InputData
 
@@ -23,20 +24,14 @@ def _sample_grid(nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
     return gx.ravel(), gy.ravel()
 
 
-def _unit(ra, dec):
-    a, d = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], -1)
-
-
 def visit_tangent_points(data: InputData, visits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ra, dec) per visit: mean direction of its detectors' centres through their first-guess WCS."""
     ra0, dec0 = np.zeros(len(visits)), np.zeros(len(visits))
     for i, v in enumerate(visits):
         centres = [cv.wcs.all_pix2world([[(cv.nx - 1) / 2, (cv.ny - 1) / 2]], 0)[0]
                    for (vv, _), cv in data.ccd_visits.items() if vv == v]
-        u = _unit(*np.array(centres).T).mean(axis=0)
-        ra0[i] = np.degrees(np.arctan2(u[1], u[0])) % 360
-        dec0[i] = np.degrees(np.arcsin(u[2] / np.linalg.norm(u)))
+        ra, dec = to_radec(unit_vectors(*np.array(centres).T).mean(axis=0, keepdims=True))
+        ra0[i], dec0[i] = ra[0], dec[0]
     return ra0, dec0
 
 

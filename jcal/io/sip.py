@@ -30,6 +30,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from ..sky import angle, unit_vectors
+
 __all__ = ["fit_tan_sip", "write_wcs_fits", "measure_wcs_error"]
 
 log = logging.getLogger("jcal.io.sip")
@@ -42,22 +44,14 @@ PixelToSky = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 # --------------------------------------------------------------------------- geometry
 
 
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """(n,) deg, (n,) deg -> (n, 3)."""
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    cd = np.cos(dec)
-    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
-
-
 def _separation_mas(ra1, dec1, ra2, dec2) -> np.ndarray:
     """Angular separation in mas; atan2 form, accurate down to ~1e-8 mas."""
-    a, b = _unit_vectors(ra1, dec1), _unit_vectors(ra2, dec2)
-    return np.arctan2(np.linalg.norm(np.cross(a, b), axis=-1), np.sum(a * b, axis=-1)) * _MAS_PER_RAD
+    return angle(unit_vectors(ra1, dec1), unit_vectors(ra2, dec2)) * _MAS_PER_RAD
 
 
 def _gnomonic(ra_deg: np.ndarray, dec_deg: np.ndarray, crval: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """FITS TAN intermediate world coordinates (deg) about crval: (xi east, eta north)."""
-    p = _unit_vectors(ra_deg, dec_deg)  # (n, 3)
+    p = unit_vectors(ra_deg, dec_deg)  # (n, 3)
     a0, d0 = np.radians(crval[0]), np.radians(crval[1])
     centre = np.array([np.cos(d0) * np.cos(a0), np.cos(d0) * np.sin(a0), np.sin(d0)])
     east = np.array([-np.sin(a0), np.cos(a0), 0.0])
