@@ -42,6 +42,7 @@ from .data import (  # noqa: E402
 from .io import read_input, write_input  # noqa: E402
 from .result import FitResult  # noqa: E402
 from .simulate import SimConfig, Simulation, simulate, write_simulation  # noqa: E402
+from .fit.photometry import PhotometricSolution, load_photometric_model  # noqa: E402
 from .solution import AstrometricSolution, load_model  # noqa: E402
 from .solver import FitError, SingularSystemError  # noqa: E402
 
@@ -49,7 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Association", "AstrometricSolution", "Camera", "CcdVisit", "ConfigError", "FitConfig", "FitError",
-    "FitResult", "InputData", "InputError", "ReferenceCatalog", "SimConfig", "Simulation", "SingularSystemError",
+    "FitResult", "InputData", "InputError", "PhotometricSolution", "load_photometric_model", "ReferenceCatalog", "SimConfig", "Simulation", "SingularSystemError",
     "SourceCatalog", "VisitTable", "associate", "fit", "load_model", "read_input", "simulate", "write_input",
     "write_simulation",
 ]

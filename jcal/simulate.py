@@ -344,7 +344,7 @@ class TrueCcdVisits:
     visit: np.ndarray  # int64 (c,)
     detector: np.ndarray  # int64 (c,)
     calib_center: np.ndarray  # float64 (c,) nJy per count at the detector centre
-    zero_point: np.ndarray  # float64 (c,) AB mag of 1 count at the centre: 31.4 + 2.5 log10(calib)
+    zero_point: np.ndarray  # float64 (c,) AB mag of 1 count at the centre: 31.4 - 2.5 log10(calib)
     wcs_error_rms_arcsec: np.ndarray  # float64 (c,) first-guess WCS vs truth over the detector
     wcs_error_max_arcsec: np.ndarray
 
@@ -740,7 +740,7 @@ def simulate(config: SimConfig | str = "small", seed: int = 0, **overrides) -> S
     centre = calib(np.repeat(np.arange(cfg.n_visits), cfg.n_detectors), cv_det,
                    np.full(cv_det.size, (cfg.det_nx - 1) / 2), np.full(cv_det.size, (cfg.det_ny - 1) / 2))
     true_ccd = TrueCcdVisits(visit=cv_visit, detector=cv_det, calib_center=centre,
-                             zero_point=AB_ZERO_POINT_NJY + 2.5 * np.log10(centre),
+                             zero_point=AB_ZERO_POINT_NJY - 2.5 * np.log10(centre),
                              wcs_error_rms_arcsec=np.concatenate(rms), wcs_error_max_arcsec=np.concatenate(worst))
 
     visits = VisitTable(visit=visit_ids, mjd=_epoch_to_mjd(epochs),

@@ -32,4 +32,18 @@ from .core import (  # noqa: E402
 from .polynomial import Polynomial  # noqa: E402
 from .projection import sky_to_tangent, tangent_to_sky  # noqa: E402
 from .stars import MAS, Stars  # noqa: E402
+from .photometry import (  # noqa: E402
+    ChebyshevField,
+    Constant,
+    ConstrainedFlux,
+    ConstrainedMagnitude,
+    PhotometricStars,
+    PhotometricTransform,
+    SimpleFlux,
+    SimpleMagnitude,
+    constrained_flux,
+    constrained_magnitude,
+    simple_flux,
+    simple_magnitude,
+)
 from . import extra  # noqa: E402  (more forms: radial term, pixel grid, turbulence field)
