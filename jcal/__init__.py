@@ -26,6 +26,12 @@ jax.config.update("jax_enable_x64", True)  # sky positions need float64
 # CPU async dispatch hangs some large programs for good (jax-ml/jax#25861, seen here too);
 # jcal synchronises after every step anyway, so nothing is lost by turning it off.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+# Compiled steps persist across processes (a new fit of a similar survey skips compilation).
+# JCAL_COMPILATION_CACHE=DIR chooses the folder, =0 turns it off.
+_cache = os.environ.get("JCAL_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jcal", "xla"))
+if _cache != "0" and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from .api import fit  # noqa: E402
 from .associate import Association, associate  # noqa: E402

@@ -156,7 +156,7 @@ def test_outlier_is_rejected():
     for _ in range(5):
         state = solver.run_stage(state, "all", fit_mapping=True, fit_stars=True, mapping_mask=mmask,
                                  star_mask=np.ones((60, 2)), max_iterations=10, tolerance=1e-10)
-        n_m, n_s = solver.reject_outliers(state, 5.0, solver.ndof(state, mmask, np.ones((60, 2))), np.ones((60, 2)))
+        n_m, n_s = solver.reject_outliers(state, 5.0, np.ones((60, 2)))
         if n_m + n_s == 0:
             break
     assert state.weights[17] == 0

@@ -215,8 +215,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     state = stage("stars", False, True, mapping_mask)
     state = stage("all", True, True, mapping_mask)
     for _ in range(config.max_outlier_rounds):
-        ndof = solver.ndof(state, mapping_mask, star_mask)
-        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask,
+        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, star_mask,
                                                config.min_measurements)
         state.n_outliers += n_meas
         state.n_reference_outliers += n_ref

@@ -875,8 +875,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     stage("stars", False, True, mapping_mask)
     stage("all", True, True, mapping_mask)
     for _ in range(config.max_outlier_rounds):
-        ndof = solver.ndof(state, mapping_mask, star_mask_now())
-        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, ndof, star_mask_now())
+        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, star_mask_now())
         state.n_outliers += n_meas
         state.n_reference_outliers += n_ref
         log.info("photometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)

@@ -325,17 +325,18 @@ class Solver:
                                                          idx, with_jacobian=False))
         return int(shape.shape[1])
 
-    def reject_outliers(self, state: FitState, n_sigma: float, ndof: int, star_mask,
+    def reject_outliers(self, state: FitState, n_sigma: float, star_mask,
                         min_measurements: int = 2) -> tuple[int, int]:
         """Reject, per star, the worst measurement or reference term beyond n_sigma.
 
         Terms are scored by their leave-one-out chi2 (see `leave_one_out_chi2`) against the
         chi2 quantile (residual dimension d) with the two-sided Gaussian tail probability of
-        n_sigma, scaled by chi2/ndof when that exceeds 1 (errors too small). Only one term per
-        star goes per round: terms of one star interact through it; stars do not interact.
+        n_sigma, scaled by a robust estimate of how much the errors are underestimated (the
+        median deleted chi2 over its expected median, when above 1): the outliers themselves
+        do not inflate the cut, so one round catches nearly all of them. Only one term per
+        star goes per round (terms of one star interact through it; stars do not), and a star
+        left with fewer than `min_measurements` loses the rest too.
         """
-        c_m, c_s = self._chi2(state)
-        scale = max((c_m.sum() + c_s.sum()) / max(ndof, 1), 1.0)
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         d_m, d_s = (np.asarray(a) for a in _deleted_chi2(
             self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data, self.star_data,
@@ -343,6 +344,9 @@ class Solver:
             jnp.zeros(self.layout.size), self._effective_star_mask(state, star_mask)))
         tail = special.erfc(n_sigma / np.sqrt(2.0))
         star = np.asarray(self.problem.index["star"])
+        used = state.weights > 0
+        d = self.residual_dim
+        scale = max(float(np.median(d_m[used])) / stats.chi2.median(d), 1.0) if used.any() else 1.0
         score_m = np.where(state.weights > 0, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
         score_s = np.zeros(self.n_stars)
         if self.problem.prior_dof is not None:
