@@ -17,9 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import os
+import sys
+
 import numpy as np
 
-import jcal
+if "--warm-cache" not in sys.argv:  # cold: compilation included, as on a first run
+    os.environ["JCAL_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jcal-bench-cache-")
+
+import jcal  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -72,6 +78,7 @@ def main():
     p.add_argument("presets", nargs="+")
     p.add_argument("--visit-order", type=int, default=3)
     p.add_argument("--second", action="store_true", help="time a second fit (compiled shapes reused)")
+    p.add_argument("--warm-cache", action="store_true", help="use the persistent compilation cache")
     args = p.parse_args()
     for preset in args.presets:
         print(json.dumps(run(preset, args.visit_order, args.second)), flush=True)

@@ -75,6 +75,7 @@ from jcal_models.photometry import (AB_ZERO_POINT_NJY, ConstrainedFlux, Constrai
                                     constrained_magnitude, simple_flux, simple_magnitude)
 
 from ..associate import Association
+from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
@@ -684,30 +685,6 @@ def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: n
     return use & ((n[star, band] >= 2) | has_ref[star, band])
 
 
-def _new_state(solver: Solver, mapping, stars, weights, star_weights) -> FitState:
-    """A fit state for `solver` (which may pad measurements and stars to bucketed sizes)."""
-    if hasattr(solver, "new_state"):
-        return solver.new_state(mapping, stars, weights, star_weights)
-    return FitState(mapping, stars, weights, star_weights)
-
-
-def _set_data(solver: Solver, name: str, values: np.ndarray) -> None:
-    """Replace one per-measurement data array (association size) in the solver."""
-    if hasattr(solver, "set_data"):
-        solver.set_data(name, values)
-    else:
-        solver.data = dict(solver.data, **{name: jnp.asarray(values)})
-
-
-def _real_stars(solver: Solver, stars):
-    return solver.real_stars(stars) if hasattr(solver, "real_stars") else stars
-
-
-def _unit_vectors(ra, dec) -> np.ndarray:
-    a, d = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)], axis=1)
-
-
 # --------------------------------------------------------------------------------------------
 # The fit
 # --------------------------------------------------------------------------------------------
@@ -817,7 +794,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     default = np.where(has_ref, ref_value, 1.0 if kind == "flux" else 25.0)
     stars = PhotometricStars(value=jnp.asarray(np.where(measured, mean, default)), kind=kind)
 
-    star_xyz = _unit_vectors(assoc.star_ra, assoc.star_dec)
+    star_xyz = unit_vectors(assoc.star_ra, assoc.star_dec)
     problem = StructuredProblem(residual, reference_photometry_residual, model, stars, mdata, star_data, index,
                                 star_xyz, prior_dof=has_ref.sum(axis=1).astype(float), mapping_filter=mapping_filter)
     solver = Solver(problem)
@@ -830,7 +807,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     gauge = getattr(model, "fix_gauge", None)
     mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
 
-    state = _new_state(solver, model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
+    state = solver.new_state(model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
     stage_seconds: dict[str, float] = {}
 
     def star_mask_now() -> np.ndarray:
@@ -844,9 +821,9 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         if kind != "flux":
             return
         c, _ = _evaluate(state.mapping, idx_j, jnp.asarray(x), jnp.asarray(y))
-        _set_data(solver, "c_fixed", np.abs(np.asarray(c)))
+        solver.set_data("c_fixed", np.abs(np.asarray(c)))
         if live is not None:
-            _set_data(solver, "live", np.full(n, 1.0 if live else 0.0))
+            solver.set_data("live", np.full(n, 1.0 if live else 0.0))
 
     def total_chi2() -> float:
         c_m, c_s = solver.chi2(state)
@@ -907,7 +884,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
              state.n_outliers)
     solution = PhotometricSolution(state.mapping, assoc.visits, assoc.detectors, assoc.ccd_visits, bands, visit_band,
                                    np.stack([bd_band, bd_detector], axis=1))
-    fit = PhotometryFit(state.mapping, _real_stars(solver, state.stars), solution, data, assoc, solver, state,
+    fit = PhotometryFit(state.mapping, solver.real_stars(state.stars), solution, data, assoc, solver, state,
                         mapping_mask, star_mask, index, bands, ref_bands, m_band, valid, has_ref, chi2, ndof, counts,
                         stage_seconds)
     _check_field(fit)

@@ -112,8 +112,11 @@ class Solver:
         self.layout = ParameterLayout.of(pm, problem.mapping)
         self.star_filter = parameter_filter(problem.stars)
         groups = self.layout.group_index(problem.index, n)
-        blocks = BlockGroups.of(groups)
-        tiles = Tiles.of(np.asarray(problem.index["star"]), problem.star_xyz, groups, problem.stars_per_tile)
+        # padding measurements (weight 0, zero Jacobian rows) belong to no block and no tile
+        real = slice(0, self.n_real)
+        blocks = BlockGroups.of(groups[real])
+        tiles = Tiles.of(np.asarray(problem.index["star"])[real], problem.star_xyz, groups[real],
+                         problem.stars_per_tile)
         self.system = System(
             index={k: jnp.asarray(v) for k, v in problem.index.items()},
             columns=jnp.asarray(self.layout.columns(groups)),
