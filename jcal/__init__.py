@@ -6,7 +6,7 @@
     result.write("out/")
 
 Layout: data model (`data`), inputs (`io`), association (`associate`), model forms
-(`jcal_models`, the top-level `models/` folder), solver (`solver`), fits (`fit`), results
+(`jcal_models`, the top-level `models/` folder), solver (`solver`), fits (`calibration`), results
 (`result`, `solution`), Task facade (`task`), command line (`cli`).
 """
 
@@ -48,7 +48,7 @@ from .data import (  # noqa: E402
 from .io import read_input, write_input  # noqa: E402
 from .result import FitResult  # noqa: E402
 from .simulate import SimConfig, Simulation, simulate, write_simulation  # noqa: E402
-from .fit.photometry import PhotometricSolution, load_photometric_model  # noqa: E402
+from .calibration.photometry import PhotometricSolution, load_photometric_model  # noqa: E402
 from .solution import AstrometricSolution, load_model  # noqa: E402
 from .solver import FitError, SingularSystemError  # noqa: E402
 

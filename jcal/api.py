@@ -10,7 +10,7 @@ import jcal_models as jm
 from .associate import associate
 from .config import FitConfig
 from .data import InputData
-from .fit.astrometry import fit_astrometry
+from .calibration.astrometry import fit_astrometry
 from .result import FitResult
 
 log = logging.getLogger("jcal")
@@ -38,7 +38,7 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
         timings["astrometry"] = time.perf_counter() - t0
     if config.photometry:
         try:
-            from .fit.photometry import fit_photometry
+            from .calibration.photometry import fit_photometry
         except ImportError:  # pragma: no cover - photometry module not present
             log.warning("photometry is not available in this build; skipped")
         else:

@@ -7,7 +7,7 @@ Output directory layout:
     stars.parquet                 fitted stars: position, errors, proper motion, counts, reference id
     metrics.json                  jointcal's metric names + the fit's own (iterations, outliers, times)
     config.json                   the FitConfig used
-    photometry files              see jcal.fit.photometry (when photometry ran)
+    photometry files              see jcal.calibration.photometry (when photometry ran)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jcal_models as jm
 from .associate import Association
 from .config import FitConfig
 from .data import InputData
-from .fit.astrometry import AstrometryFit
+from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
 from .io.sip import fit_tan_sip, write_wcs_fits
 from .solution import AstrometricSolution
@@ -44,7 +44,7 @@ class FitResult:
     config: FitConfig
     association: Association
     astrometry: AstrometryFit | None = None
-    photometry: Any = None  # jcal.fit.photometry.PhotometryFit
+    photometry: Any = None  # jcal.calibration.photometry.PhotometryFit
     timings: dict[str, float] = field(default_factory=dict)
 
     # -- astrometry ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 import numpy as np
 import jcal
 from jcal.associate import associate
-from jcal.fit.initialise import initial_astrometric_model
+from jcal.calibration.initialise import initial_astrometric_model
 from jcal_models import extra
 
 sim = jcal.simulate("tiny", seed=1)

@@ -8,7 +8,7 @@ import pytest
 import jcal
 import jcal_models as jm
 from jcal.associate import associate
-from jcal.fit.initialise import initial_astrometric_model
+from jcal.calibration.initialise import initial_astrometric_model
 from jcal_models import extra
 
 FACTORIES = {

@@ -17,8 +17,8 @@ import jcal_models as jm
 from jcal.associate import associate
 from jcal.config import FitConfig
 from jcal.data import InputData
-from jcal.fit.initialise import initial_astrometric_model
-from jcal.fit.photometry import (PhotometricSolution, fit_photometry, flux_residual, load_photometric_model,
+from jcal.calibration.initialise import initial_astrometric_model
+from jcal.calibration.photometry import (PhotometricSolution, fit_photometry, flux_residual, load_photometric_model,
                                  magnitude_residual, reference_photometry_residual)
 from jcal.simulate import simulate
 from jcal.solver import SingularSystemError
@@ -351,7 +351,7 @@ def test_magnitude_model_drops_nonpositive_fluxes(tiny_r, caplog):
     inst_flux = src.inst_flux.copy()
     inst_flux[bad] = [-10.0, 0.0, -1.0]
     data = dataclasses.replace(sim.data, sources=dataclasses.replace(src, inst_flux=inst_flux))
-    with caplog.at_level("WARNING", logger="jcal.fit.photometry"):
+    with caplog.at_level("WARNING", logger="jcal.calibration.photometry"):
         fit = fit_photometry(data, assoc, FitConfig(photometry_model="simple_magnitude"))
     assert "3 measurement(s) with instFlux <= 0 dropped" in caplog.text
     cols = fit.measurement_columns()

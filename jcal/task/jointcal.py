@@ -105,14 +105,14 @@ class AstrometryFitConfig(Config):
 
 
 class AstrometryFitTask(Task):
-    """The astrometric fit (`jcal.fit.astrometry.fit_astrometry`)."""
+    """The astrometric fit (`jcal.calibration.astrometry.fit_astrometry`)."""
 
     ConfigClass = AstrometryFitConfig
     _DefaultName = "astrometryFit"
 
     @timeMethod
     def run(self, data, association, fitConfig, *, model=None, mapping_filter=None, progress=None):
-        from ..fit.astrometry import fit_astrometry
+        from ..calibration.astrometry import fit_astrometry
         fit = fit_astrometry(data, association, fitConfig, model=model, mapping_filter=mapping_filter,
                              progress=progress)
         self.metadata["chi2"] = float(fit.chi2)
@@ -125,7 +125,7 @@ class PhotometryFitConfig(Config):
 
 
 class PhotometryFitTask(Task):
-    """The photometric fit (`jcal.fit.photometry.fit_photometry`), when this build has it."""
+    """The photometric fit (`jcal.calibration.photometry.fit_photometry`), when this build has it."""
 
     ConfigClass = PhotometryFitConfig
     _DefaultName = "photometryFit"
@@ -133,7 +133,7 @@ class PhotometryFitTask(Task):
     @timeMethod
     def run(self, data, association, fitConfig, *, astrometry=None):
         try:
-            from ..fit.photometry import fit_photometry
+            from ..calibration.photometry import fit_photometry
         except ImportError:
             self.log.warning("photometry is not available in this build; skipped")
             self.metadata["skipped"] = True

@@ -33,7 +33,7 @@ from ..data import InputData, InputError
 from ..solver import FitState, Solver, StructuredProblem, small_linalg
 from .initialise import initial_astrometric_model
 
-log = logging.getLogger("jcal.fit.astrometry")
+log = logging.getLogger("jcal.calibration.astrometry")
 
 
 def astrometric_residual(model, star, m):

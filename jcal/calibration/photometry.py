@@ -1,6 +1,6 @@
 """The photometric fit: association in, fitted calibration model and star fluxes out.
 
-It mirrors `jcal.fit.astrometry`: the same structured Gauss-Newton solver, the same stages
+It mirrors `jcal.calibration.astrometry`: the same structured Gauss-Newton solver, the same stages
 (constrained models: visit fields only, then the whole model; then the star fluxes; then
 everything), the same leave-one-out outlier rejection rounds. Model forms are in
 `jcal_models.photometry` (`config.photometry_model`: simple_flux, simple_magnitude,
@@ -43,7 +43,7 @@ detector constants (group "band_detector") and gauge. Colour terms are not model
 The focal-plane position used by constrained models is the chip part of the fitted
 astrometric model when `astrometry` has one (`model.chip`, Grouped by "detector"), else
 that of a constrained astrometric model fitted to the first-guess WCSs (affine per
-detector, `jcal.fit.initialise`): the first-guess WCSs always exist, whereas the optional
+detector, `jcal.calibration.initialise`): the first-guess WCSs always exist, whereas the optional
 camera table has no pixel size or orientation. It is fixed data inside the model (a
 `fixed_field`), so the model maps any pixel to a calibration on its own.
 
@@ -81,7 +81,7 @@ from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
 from .initialise import initial_astrometric_model
 
-log = logging.getLogger("jcal.fit.photometry")
+log = logging.getLogger("jcal.calibration.photometry")
 
 MAG_PER_FRACTION = 2.5 / np.log(10.0)  # 1.0857: d(mag) = MAG_PER_FRACTION * d(flux) / flux
 GRID = 8  # samples per axis of a detector for photo_calib_grid.parquet
