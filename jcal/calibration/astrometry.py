@@ -14,6 +14,7 @@ A reference star adds (position at the catalog epoch - catalog position) / error
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..associate import Association
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
-from ..solver import FitState, Solver, StructuredProblem, small_linalg
+from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, small_linalg
 from .initialise import initial_astrometric_model
 
 log = logging.getLogger("jcal.calibration.astrometry")
@@ -197,11 +198,21 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         refresh_errors()
         saved = state.weights
         reference_only = saved * solver.pad_measurements(has_ref[assoc.star])
+        run = functools.partial(solver.run_stage, name=name, fit_mapping=fit_mapping, fit_stars=fit_stars,
+                                mapping_mask=mmask, star_mask=star_mask, max_iterations=config.max_iterations,
+                                tolerance=config.tolerance, line_search=config.line_search)
         if only_reference and _references_constrain_every_group(solver, index, reference_only[: solver.n_real]):
+            # early stages anchor the mapping on reference stars alone (their positions are
+            # known); where they leave some parameter free, every measurement is used instead
             state.weights = reference_only
-        new = solver.run_stage(state, name, fit_mapping=fit_mapping, fit_stars=fit_stars, mapping_mask=mmask,
-                               star_mask=star_mask, max_iterations=config.max_iterations,
-                               tolerance=config.tolerance, line_search=config.line_search)
+            try:
+                new = run(state)
+            except SingularSystemError:
+                log.info("astrometry %s: reference stars alone leave the mapping degenerate; using all", name)
+                state.weights = saved
+                new = run(state)
+        else:
+            new = run(state)
         new.weights = saved
         stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - t0
         if progress:
