@@ -242,7 +242,9 @@ def flux_outliers(tiny_r):
     return fit, injected, inst_flux
 
 
-FLUX3 = FitConfig(photometry_model="constrained_flux", photometry_visit_order=3)
+# An order-3 field leaves ~5 mmag of model error on this simulation, more than the noise of its
+# brightest stars: a 0.5 % pedestal says so, else those are (rightly) rejected as >5 sigma.
+FLUX3 = FitConfig(photometry_model="constrained_flux", photometry_visit_order=3, flux_pedestal=0.005)
 
 
 def test_constrained_flux_flags_injected_flux_outliers(tiny_r, flux_outliers):
@@ -261,7 +263,13 @@ def test_constrained_flux_flags_injected_flux_outliers(tiny_r, flux_outliers):
           f"good measurements flagged of {len(rows)}; calibration rms {rms:.2f} mmag; chi2/ndof "
           f"{fit.chi2 / fit.ndof:.4f}; {fit.stage_seconds['total']:.1f} s")
     assert (flagged & injected).sum() >= 27
-    assert (flagged & ~bad).sum() <= 0.005 * len(rows)
+    # a star left with one good measurement loses it too (one detection cannot tell which of two
+    # was wrong, and carries no calibration information): those are not counted as lost
+    star = assoc.star
+    n_bad = np.bincount(star, weights=bad, minlength=star.max() + 1)
+    n_all = np.bincount(star, minlength=star.max() + 1)
+    orphan = (n_all - n_bad <= 1)[star]
+    assert (flagged & ~bad & ~orphan).sum() <= 0.005 * len(rows)
     assert rms < 10.0
     assert 0.9 < fit.chi2 / fit.ndof < 1.15
     assert fit.metrics()["photometry_outliers"] == int(flagged.sum())
