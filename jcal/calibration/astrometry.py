@@ -193,10 +193,9 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
                        jnp.asarray(src.x_err[rows]), jnp.asarray(src.y_err[rows]), ped)
         solver.set_data("whiten", np.asarray(w))
 
-    def stage(name, fit_mapping, fit_stars, mmask, only_reference=False, refresh=True):
+    def stage(name, fit_mapping, fit_stars, mmask, only_reference=False):
         t0 = time.perf_counter()
-        if refresh:  # the error model follows the mapping between stages, not within one
-            refresh_errors()
+        refresh_errors()
         saved = state.weights
         reference_only = saved * solver.pad_measurements(has_ref[assoc.star])
         run = functools.partial(solver.run_stage, name=name, fit_mapping=fit_mapping, fit_stars=fit_stars,
@@ -234,17 +233,12 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         log.info("astrometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
         if n_meas + n_ref == 0:
             break
-        # a round moves a few stars and the mapping a little: re-solve them in turn (cheap
-        # steps, no Schur fill); the final joint stage below makes the result exact
-        state = stage("outlier stars", False, True, mapping_mask, refresh=False)
-        state = stage("outlier mappings", True, False, mapping_mask, refresh=False)
+        state = stage("all", True, True, mapping_mask)
     else:
         if config.max_outlier_rounds:
             log.warning("astrometry: outlier rejection still finding outliers after %d rounds",
                         config.max_outlier_rounds)
             state.converged = False
-    if state.n_outliers + state.n_reference_outliers:
-        state = stage("all", True, True, mapping_mask)
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start
