@@ -31,7 +31,8 @@ from ..associate import Association
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
-from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, small_linalg
+from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, implicit_function, small_linalg
+from ..solver.gauss_newton import unflatten_stars
 from .initialise import initial_astrometric_model
 
 log = logging.getLogger("jcal.calibration.astrometry")
@@ -101,6 +102,22 @@ class AstrometryFit:
         sd = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0)) / MAS
         names = ["ra", "dec", "pm_ra", "pm_dec"][: sd.shape[1]]
         return {name: sd[:, i] for i, name in enumerate(names)}
+
+    def differentiable(self):
+        """`solution(measurements, references) -> (mapping (N,), stars (S, q))`: the converged
+        parameters as a JAX function of the inputs (implicit-function gradients), see
+        `jcal.solver.implicit_function`. Build models from them with `model_from`/`stars_from`."""
+        return implicit_function(self.solver, self.state, self.mapping_mask, self.star_mask)
+
+    def model_from(self, flat_mapping: jax.Array) -> jm.Transform:
+        """The fitted model with its fitted parameters replaced by `flat_mapping` (N,)."""
+        pm, sm = eqx.partition(self.model, self.solver.mapping_filter)
+        return eqx.combine(self.solver.layout.unflatten(flat_mapping, pm), sm)
+
+    def stars_from(self, flat_stars: jax.Array) -> Stars:
+        """The fitted stars with their parameters replaced by `flat_stars` (S, q)."""
+        ps, ss = eqx.partition(self.stars, self.solver.star_filter)
+        return eqx.combine(unflatten_stars(flat_stars, ps), ss)
 
     def mapping_covariance(self) -> np.ndarray:
         """(N, N) covariance of the mapping parameters, marginalised over the stars."""

@@ -28,8 +28,8 @@ from jcal_models import parameter_filter
 
 from . import small_linalg
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
-from .normal_equations import (System, chi2_terms, gauss_newton_step, leave_one_out_chi2, linearise,
-                               measurement_terms, reduced_covariance)
+from .normal_equations import (System, chi2_terms, gauss_newton_step, implicit_cotangents, leave_one_out_chi2,
+                               linearise, measurement_terms, reduced_covariance)
 
 log = logging.getLogger("jcal.solver")
 
@@ -79,14 +79,15 @@ _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
 _deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
 _linearise = jax.jit(linearise, static_argnums=(0, 1))
+_implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
 
-def _star_flat(stars_params) -> jax.Array:
+def flatten_stars(stars_params) -> jax.Array:
     leaves = jax.tree.leaves(stars_params)
     return jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
 
 
-def _star_unflat(flat, stars_params):
+def unflatten_stars(flat, stars_params):
     leaves, treedef = jax.tree.flatten(stars_params)
     out, start = [], 0
     for a in leaves:
@@ -134,7 +135,7 @@ class Solver:
         self.n_stars = s
         self.sizes = {
             "measurements": self.n_real, "stars": self.stars_real, "mapping_parameters": self.layout.size,
-            "star_parameters": int(_star_flat(eqx.filter(problem.stars, self.star_filter)).size
+            "star_parameters": int(flatten_stars(eqx.filter(problem.stars, self.star_filter)).size
                                    * self.stars_real // s),
             "padded_measurements": n, "padded_stars": s,
             "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
@@ -272,7 +273,7 @@ class Solver:
     def _apply(self, state: FitState, pm, ps, step, alpha: float) -> FitState:
         new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm) \
             if self.layout.size else pm
-        new_ps = _star_unflat(_star_flat(ps) + alpha * step.delta_stars, ps)
+        new_ps = unflatten_stars(flatten_stars(ps) + alpha * step.delta_stars, ps)
         mapping = eqx.combine(new_pm, eqx.filter(state.mapping, self.mapping_filter, inverse=True))
         stars = eqx.combine(new_ps, eqx.filter(state.stars, self.star_filter, inverse=True))
         return FitState(mapping, stars, state.weights, state.star_weights, state.history, state.converged,
@@ -419,3 +420,41 @@ def _padded(problem: StructuredProblem, n: int, s: int) -> StructuredProblem:
         prior_dof=None if problem.prior_dof is None else _pad_rows(np.asarray(problem.prior_dof), s, 0.0),
         prior_rejectable=None if problem.prior_rejectable is None
         else _pad_rows(np.asarray(problem.prior_rejectable, bool), s, False))
+
+
+def implicit_function(solver: Solver, state: FitState, mapping_mask, star_mask):
+    """The converged solution as a differentiable JAX function of the fit's inputs.
+
+    Returns `solution(measurements, references) -> (mapping (N,), stars (S, q))`, where
+    `measurements` maps names of per-measurement data arrays (e.g. "x", "y") to (n,) arrays and
+    `references` names of per-star prior data (e.g. "ra", "dec") to (S, ...) arrays. Its value
+    is the converged fit (evaluate it at the fitted inputs); its derivative is the implicit
+    function theorem's, computed in the backward pass by one Schur solve and one
+    vector-Jacobian product of the residuals (`implicit_cotangents`), never by unrolling
+    iterations. So `jax.grad`/`jax.jacobian` of any scalar of the solution (a star's fitted
+    position, the model at a pixel, ...) flow back to centroids and reference positions.
+    """
+    (pm, sm), (ps, ss) = solver.split(state.mapping, state.stars)
+    theta_m = solver.layout.flatten(pm) if solver.layout.size else jnp.zeros(0)
+    theta_s = flatten_stars(ps)[: solver.stars_real]
+    smask = solver._effective_star_mask(state, star_mask)
+    n, s = solver.n_real, solver.stars_real
+
+    @jax.custom_vjp
+    def solution(measurements: dict, references: dict):
+        return theta_m, theta_s
+
+    def forward(measurements, references):
+        return (theta_m, theta_s), (measurements, references)  # kept only for their keys
+
+    def backward(inputs, bars):
+        bar_m, bar_s = bars
+        bar_s = jnp.concatenate([bar_s, jnp.zeros((solver.n_stars - s, bar_s.shape[1]))])
+        data_bar, star_bar = _implicit(solver.problem.residual_fn, solver.problem.prior_fn, solver.layout,
+                                       (pm, sm), (ps, ss), solver.data, solver.star_data, solver.system,
+                                       jnp.asarray(state.weights), jnp.asarray(state.star_weights),
+                                       mapping_mask, smask, bar_m, bar_s)
+        return ({k: data_bar[k][:n] for k in inputs[0]}, {k: star_bar[k][:s] for k in inputs[1]})
+
+    solution.defvjp(forward, backward)
+    return solution

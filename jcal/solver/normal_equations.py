@@ -251,37 +251,81 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask)
     l_s = _star_cholesky(lin.h_ss)
-    y_s = small.cho_solve(l_s, lin.b_s)  # H_ss^-1 b_s
 
     n_map = layout.size
     if not fit_mapping or n_map == 0:
-        ds = y_s * star_mask
-        return Step(jnp.zeros(n_map), ds, lin.chi2, jnp.zeros(n_map), jnp.all(jnp.isfinite(y_s)),
+        ds = small.cho_solve(l_s, lin.b_s) * star_mask  # stars alone: H_ss^-1 b_s
+        return Step(jnp.zeros(n_map), ds, lin.chi2, jnp.zeros(n_map), jnp.all(jnp.isfinite(ds)),
                     jnp.sum(lin.b_s * ds))
 
-    b_local = -jnp.einsum("ndp,nd->np", lin.jm, lin.r)
-    b_gradient = jnp.zeros(n_map).at[system.columns].add(b_local)  # -J_m^T r, before elimination
+    b_gradient = jnp.zeros(n_map).at[system.columns].add(-jnp.einsum("ndp,nd->np", lin.jm, lin.r))  # -J_m^T r
     c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
-    if fit_stars:
-        b_local = b_local - jnp.einsum("npq,nq->np", c, y_s[star])
-    b_m = jnp.zeros(n_map).at[system.columns].add(b_local)
+    dm, ds, diag, ok, scaled = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s, mapping_mask,
+                                            damping)
+    dm, ds = dm * mapping_mask, ds * star_mask
+    # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
+    predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
+    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled if return_matrix else None)
+
+
+def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, c, gs, b_m, b_s, mapping_mask,
+                 damping=0.0):
+    """Solve [H_mm H_ms; H_sm H_ss] [x_m; x_s] = [b_m; b_s] by eliminating the stars.
+
+    c, gs: `_fill_factors` (None when the stars are held fixed: then x_s = 0).
+    Returns (x_m, x_s, diagonal of the reduced matrix, Cholesky ok, Jacobi-scaled reduced matrix).
+    """
+    star = system.index["star"]
+    y_s = small.cho_solve(l_s, b_s)  # H_ss^-1 b_s
+    if c is not None:  # b_m - H_ms H_ss^-1 b_s
+        b_m = b_m - jnp.zeros(layout.size).at[system.columns].add(jnp.einsum("npq,nq->np", c, y_s[star]))
     h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
     diag = jnp.diagonal(h)
     # Jacobi scaling keeps Cholesky accurate when parameter scales differ by many decades
     d = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
     scaled = h * d[:, None] * d[None, :]
-    factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(n_map))
-    dm = d * cho_solve((factor, True), b_m * d)
-    ok = jnp.all(jnp.isfinite(factor))
-    if fit_stars:
-        back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, dm[system.columns]), star, y_s.shape[0])
-        ds = small.cho_solve(l_s, lin.b_s - back)
-    else:
-        ds = jnp.zeros_like(y_s)
-    dm, ds = dm * mapping_mask, ds * star_mask
-    # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
-    predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled if return_matrix else None)
+    factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(layout.size))
+    x_m = d * cho_solve((factor, True), b_m * d)
+    if c is None:
+        return x_m, jnp.zeros_like(y_s), diag, jnp.all(jnp.isfinite(factor)), scaled
+    back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, x_m[system.columns]), star, y_s.shape[0])
+    return x_m, small.cho_solve(l_s, b_s - back), diag, jnp.all(jnp.isfinite(factor)), scaled
+
+
+def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
+                        system: System, weights, star_weights, mapping_mask, star_mask,
+                        bar_m: jax.Array, bar_s: jax.Array):
+    """Cotangents of the data behind a converged fit, by the implicit function theorem.
+
+    The solution theta*(p) of J^T r = 0 moves with any input p (centroids, reference
+    positions, ...) as d theta*/dp = -H^-1 J^T dr/dp (Gauss-Newton H = J^T J). So for a
+    cotangent theta_bar of the solution, p_bar = -(dr/dp)^T J H^-1 theta_bar: one Schur solve,
+    then one vector-Jacobian product of the residuals with respect to the data.
+    bar_m (N,), bar_s (S, q): cotangents of the flat mapping and star parameters.
+    Returns (data_bar, star_data_bar): pytrees like `data` and `star_data`.
+    """
+    star = system.index["star"]
+    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
+                    weights, star_weights, mapping_mask, star_mask)
+    l_s = _star_cholesky(lin.h_ss)
+    c, gs = _fill_factors(lin, l_s, star)
+    v_m, v_s, _, _, _ = _schur_solve(layout, system, lin, l_s, c, gs, bar_m * mapping_mask, bar_s * star_mask,
+                                     mapping_mask)
+    v_m, v_s = v_m * mapping_mask, v_s * star_mask
+    # J v per measurement and per prior (weighted like the residuals)
+    jv = jnp.einsum("ndp,np->nd", lin.jm, v_m[system.columns]) + jnp.einsum("ndq,nq->nd", lin.js, v_s[star])
+    sw = jnp.sqrt(weights)[:, None]
+    _, vjp_data = jax.vjp(lambda d: measurement_terms(residual_fn, mapping, stars, d, system.index,
+                                                      with_jacobian=False) * sw, data)
+    (data_bar,) = vjp_data(-jv)
+    star_data_bar = None
+    if prior_fn is not None:
+        _, jp = star_terms(prior_fn, stars, star_data)
+        spw = jnp.sqrt(star_weights)[:, None]
+        jpv = jnp.einsum("sdq,sq->sd", jp * spw[:, :, None] * star_mask[:, None, :], v_s)
+        _, vjp_star = jax.vjp(lambda d: star_terms(prior_fn, stars, d, with_jacobian=False) * spw, star_data)
+        (star_data_bar,) = vjp_star(-jpv)
+    return data_bar, star_data_bar
 
 
 def reduced_covariance(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,

@@ -1,0 +1,71 @@
+"""Gradients through the converged fit (implicit function theorem) against finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jcal
+import jcal_models as jm
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    sim = jcal.simulate("tiny", seed=2)
+    config = jcal.FitConfig(visit_order=2, photometry=False, max_outlier_rounds=0, tolerance=1e-14)
+    return sim, jcal.fit(sim.data, config).astrometry
+
+
+def _refit(fit, **changes):
+    """Re-converge the same problem with some measurement data changed (finite differences)."""
+    solver = fit.solver
+    saved = dict(solver.data)
+    for name, values in changes.items():
+        solver.set_data(name, values)
+    state = jcal.solver.FitState(fit.state.mapping, fit.state.stars, fit.state.weights, fit.state.star_weights)
+    state = solver.run_stage(state, "fd", fit_mapping=True, fit_stars=True, mapping_mask=fit.mapping_mask,
+                             star_mask=fit.star_mask, max_iterations=6, tolerance=1e-15)
+    solver.data = saved
+    (pm, _), (ps, _) = solver.split(state.mapping, state.stars)
+    return np.asarray(solver.layout.flatten(pm)), np.asarray(jcal.solver.gauss_newton.flatten_stars(ps))
+
+
+def test_gradient_of_fitted_star_and_mapping_matches_refits(fitted):
+    sim, fit = fitted
+    solution = fit.differentiable()
+    x = jnp.asarray(np.asarray(fit.solver.data["x"])[: fit.solver.n_real])
+    y = jnp.asarray(np.asarray(fit.solver.data["y"])[: fit.solver.n_real])
+    i = 7
+    star = int(fit.association.star[i])
+
+    def objective(x):  # a star's fitted offset plus the fitted model's sky position at a pixel
+        theta_m, theta_s = solution({"x": x, "y": y}, {})
+        model = fit.model_from(theta_m)
+        ra, dec = jm.evaluate(model, {"visit": jnp.array([0]), "detector": jnp.array([0]),
+                                      "ccd_visit": jnp.array([0])}, jnp.array([100.0]), jnp.array([200.0]))
+        return theta_s[star, 0] * 3.6e6 + dec[0] * 3.6e6  # mas
+
+    grad = np.asarray(jax.grad(objective)(x))
+    h = 1e-3  # pixels
+    values = []
+    for sign in (+1, -1):
+        xs = np.asarray(x).copy()
+        xs[i] += sign * h
+        theta_m, theta_s = _refit(fit, x=xs)
+        model = fit.model_from(jnp.asarray(theta_m))
+        _, dec = jm.evaluate(model, {"visit": jnp.array([0]), "detector": jnp.array([0]),
+                                     "ccd_visit": jnp.array([0])}, jnp.array([100.0]), jnp.array([200.0]))
+        values.append(theta_s[star, 0] * 3.6e6 + float(dec[0]) * 3.6e6)
+    fd = (values[0] - values[1]) / (2 * h)
+    assert abs(grad[i]) > 1.0  # mas per pixel: the star follows its own centroid
+    np.testing.assert_allclose(grad[i], fd, rtol=2e-3)
+
+
+def test_gradient_with_respect_to_reference_positions(fitted):
+    sim, fit = fitted
+    solution = fit.differentiable()
+    refs = {"ra": jnp.asarray(np.asarray(fit.solver.star_data["ra"])[: fit.solver.stars_real])}
+    star = int(np.flatnonzero(fit.association.star_ref >= 0)[0])
+    g = jax.grad(lambda ra: solution({}, {"ra": ra})[1][star, 0])(refs["ra"])
+    assert np.isfinite(np.asarray(g)).all()
+    assert abs(float(g[star])) > 0  # a star is pulled by its own reference position
