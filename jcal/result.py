@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
@@ -56,6 +58,22 @@ class FitResult:
     def pixel_to_sky(self, visit, detector, x, y) -> tuple[np.ndarray, np.ndarray]:
         """Fitted (ra, dec) [deg] at 0-based pixels of detector-visits (by id)."""
         return self.solution.pixel_to_sky(visit, detector, x, y)
+
+    def sky_covariance(self, visit, detector, x, y) -> np.ndarray:
+        """(n, 2, 2) covariance [mas^2] of the fitted sky position (ra cos dec, dec) at 0-based
+        pixels, from the mapping-parameter covariance (marginalised over the stars)."""
+        fit = self.astrometry
+        visit, detector, x, y = np.broadcast_arrays(visit, detector, np.asarray(x, float), np.asarray(y, float))
+        index = self.solution.index(visit.ravel(), detector.ravel())
+        xs, ys = jnp.asarray(x.ravel()), jnp.asarray(y.ravel())
+        pm, _ = eqx.partition(fit.model, fit.solver.mapping_filter)
+
+        def sky_mas(theta):
+            ra, dec = jm.evaluate(fit.model_from(theta), index, xs, ys)
+            return jnp.stack([ra * jnp.cos(jnp.radians(dec)), dec], axis=1) * MAS_PER_DEG
+
+        jac = np.asarray(jax.jacrev(sky_mas)(fit.solver.layout.flatten(pm)))  # (n, 2, N)
+        return np.einsum("aip,pq,ajq->aij", jac, fit.mapping_covariance(), jac)
 
     def wcs_header(self, visit: int, detector: int):
         """(FITS header, approximation RMS in mas): TAN-SIP of the fitted map over the detector."""
@@ -166,7 +184,6 @@ class FitResult:
 def _star_positions(stars: jm.Stars, rows, epoch):
     view = jm.Stars(stars.offset[rows], None if stars.pm is None else stars.pm[rows], stars.ra0[rows],
                     stars.dec0[rows], stars.epoch0[rows])
-    import jax
     return jax.vmap(lambda s, t: s.position(t))(view, jnp.asarray(epoch))
 
 

@@ -88,3 +88,14 @@ def test_simple_model_fits_and_underdetermined_order_is_named():
     sim = jcal.simulate("small", seed=6)  # enough stars per detector-visit for order 3
     result = jcal.fit(sim.data, jcal.FitConfig(astrometry_model="simple", simple_order=3, photometry=False))
     assert 0.9 < result.metrics["astrometry_chi2_per_ndof"] < 1.15
+
+
+def test_sky_covariance_at_pixels(small_fit):
+    sim, result = small_fit
+    v, d = result.association.ccd_visits[5]
+    cov = result.sky_covariance(v, d, [10.0, 500.0], [20.0, 500.0])
+    assert cov.shape == (2, 2, 2)
+    sigma = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    assert np.all(sigma > 0.01) and np.all(sigma < 5.0)  # mas: well below the centroid noise
+    assert sigma[0].mean() > sigma[1].mean()  # the detector corner is less constrained than its centre
+    np.testing.assert_allclose(cov, np.transpose(cov, (0, 2, 1)), atol=1e-12)
