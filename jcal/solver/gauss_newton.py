@@ -28,7 +28,7 @@ from jcal_models import parameter_filter
 
 from . import small_linalg
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
-from .normal_equations import (System, chi2_terms, gauss_newton_step, implicit_cotangents, leave_one_out_chi2,
+from .normal_equations import (System, TileSet, chi2_terms, gauss_newton_step, implicit_cotangents, leave_one_out_chi2,
                                linearise, measurement_terms, reduced_covariance)
 
 log = logging.getLogger("jcal.solver")
@@ -118,16 +118,15 @@ class Solver:
         blocks = BlockGroups.of(groups[real])
         tiles = Tiles.of(np.asarray(problem.index["star"])[real], problem.star_xyz, groups[real],
                          problem.stars_per_tile)
+        tile_classes = tiles.split(self.layout.row_sizes)
         self.system = System(
             index={k: jnp.asarray(v) for k, v in problem.index.items()},
             columns=jnp.asarray(self.layout.columns(groups)),
             block_members=jnp.asarray(blocks.members),
             block_groups=jnp.asarray(blocks.groups),
-            tile_stars=jnp.asarray(tiles.stars),
-            tile_measurements=jnp.asarray(tiles.measurements),
-            tile_star_local=jnp.asarray(tiles.star_local),
-            tile_slots=tuple(jnp.asarray(s) for s in tiles.slots),
-            tile_groups=tuple(jnp.asarray(g) for g in tiles.groups),
+            tiles=tuple(TileSet(jnp.asarray(t.stars), jnp.asarray(t.measurements), jnp.asarray(t.star_local),
+                                tuple(jnp.asarray(s) for s in t.slots), tuple(jnp.asarray(g) for g in t.groups))
+                        for t in tile_classes),
         )
         self.data = jax.tree.map(jnp.asarray, problem.data)
         self.star_data = None if problem.star_data is None else jax.tree.map(jnp.asarray, problem.star_data)
@@ -140,7 +139,8 @@ class Solver:
             "padded_measurements": n, "padded_stars": s,
             "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
             "tile_width": int(tiles.measurements.shape[1]),
-            "tile_columns": int(sum(g.shape[1] * p for g, p in zip(tiles.groups, self.layout.row_sizes))),
+            "tile_columns": [int(sum(g.shape[1] * p for g, p in zip(t.groups, self.layout.row_sizes)))
+                             for t in tile_classes],
         }
 
     # -- padding ---------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ import numpy as np
 from jcal_models import GLOBAL, group_keys
 
 
+_NO_GROUP = np.iinfo(np.int32).max  # padding group index: out of range, its updates are dropped
+
+
 def bucket(n: int, minimum: int = 8) -> int:
     """Round up to 1, 1.25, 1.5 or 1.75 times a power of two: few distinct compiled shapes."""
     n = max(int(n), minimum)
@@ -121,6 +124,7 @@ class Tiles:
     slots: tuple[np.ndarray, ...]  # per leaf: (T, M) local group slot of each measurement
     groups: tuple[np.ndarray, ...]  # per leaf: (T, K_k) global group in each slot, padding out of range
     stars_per_tile: int
+    padding: int  # the measurement index that pads a tile (gathers as zero)
 
     @classmethod
     def of(cls, star: np.ndarray, star_xyz: np.ndarray, group_index: np.ndarray,
@@ -156,13 +160,33 @@ class Tiles:
             first = np.cumsum(per_tile) - per_tile
             slot_of_pair = np.arange(len(pairs)) - first[pairs[:, 0]]
             k_width = bucket(per_tile.max(), minimum=1)
-            g = np.full((n_tiles_padded, k_width), np.iinfo(np.int32).max, np.int64)
+            g = np.full((n_tiles_padded, k_width), _NO_GROUP, np.int64)
             g[pairs[:, 0], slot_of_pair] = pairs[:, 1]
             s = np.zeros_like(measurements)
             s[tile[order], rank] = slot_of_pair[inverse[order]]
             slots.append(s)
             groups.append(g)
-        return cls(stars, measurements, star_local, tuple(slots), tuple(groups), stars_per_tile)
+        return cls(stars, measurements, star_local, tuple(slots), tuple(groups), stars_per_tile, n)
+
+    def split(self, row_sizes: tuple[int, ...], n_classes: int = 8) -> tuple["Tiles", ...]:
+        """Tiles in `n_classes` classes of similar width, each padded to its own widest tile.
+
+        A tile's fill costs (its columns)^2, and tiles differ (a field's edge is seen by fewer
+        visits than its centre): padding every tile to the widest overall wasted ~2x here.
+        """
+        used = [(g < _NO_GROUP).sum(axis=1) for g in self.groups]  # (T,) groups per leaf
+        columns = sum(u * p for u, p in zip(used, row_sizes))
+        classes = []
+        for idx in np.array_split(np.argsort(columns, kind="stable"), n_classes):
+            if len(idx) == 0:
+                continue
+            width = bucket(int((self.measurements[idx] != self.padding).sum(axis=1).max()), minimum=1)
+            widths = [bucket(int(u[idx].max()), minimum=1) for u in used]
+            classes.append(Tiles(self.stars[idx], self.measurements[idx, :width], self.star_local[idx, :width],
+                                 tuple(sl[idx, :width] for sl in self.slots),
+                                 tuple(g[idx, :w] for g, w in zip(self.groups, widths)), self.stars_per_tile,
+                                 self.padding))
+        return tuple(classes)
 
 
 def _spatial_order(xyz: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ are scattered as (p_k x p_l) windows into a block matrix, never element by eleme
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,11 +41,17 @@ class System(NamedTuple):
     columns: jax.Array  # (n, P_local) global mapping column per local column
     block_members: jax.Array  # (B, M)
     block_groups: jax.Array  # (B, n_leaves)
-    tile_stars: jax.Array  # (T, S_t) star in each tile slot (padding S)
-    tile_measurements: jax.Array  # (T, M_t)
-    tile_star_local: jax.Array  # (T, M_t)
-    tile_slots: tuple[jax.Array, ...]  # per leaf (T, M_t)
-    tile_groups: tuple[jax.Array, ...]  # per leaf (T, K_k)
+    tiles: tuple["TileSet", ...]  # classes of spatial star tiles, each with its own padded shapes
+
+
+class TileSet(NamedTuple):
+    """One class of star tiles (see layout.Tiles)."""
+
+    stars: jax.Array  # (T, S_t) star in each tile slot (padding S)
+    measurements: jax.Array  # (T, M_t)
+    star_local: jax.Array  # (T, M_t)
+    slots: tuple[jax.Array, ...]  # per leaf (T, M_t)
+    groups: tuple[jax.Array, ...]  # per leaf (T, K_k)
 
 
 class Step(NamedTuple):
@@ -148,12 +155,11 @@ def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs:
 def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, blocks: dict) -> dict:
     """blocks -= sum over stars of B_s H_ss^-1 B_s^T, one spatial tile of stars at a time."""
     q = gs.shape[1]
-    n_star_slots = int(system.tile_stars.shape[1])
     pad_g = jnp.concatenate([gs, jnp.zeros((1,) + gs.shape[1:])], axis=0)
     splits = list(layout.local_offsets[1:])
     n_leaves = len(layout.row_sizes)
 
-    def one_tile(carry, tile):
+    def one_tile(carry, tile, n_star_slots):
         meas, star_local, slots, groups = tile
         g = pad_g[meas]  # (M, q, P)
         phis = []
@@ -174,8 +180,9 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
                 new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(-part, mode="drop")
         return new, None
 
-    tiles = (system.tile_measurements, system.tile_star_local, system.tile_slots, system.tile_groups)
-    blocks, _ = jax.lax.scan(one_tile, blocks, tiles)
+    for tiles in system.tiles:
+        step = functools.partial(one_tile, n_star_slots=int(tiles.stars.shape[1]))
+        blocks, _ = jax.lax.scan(step, blocks, (tiles.measurements, tiles.star_local, tiles.slots, tiles.groups))
     return blocks
 
 
