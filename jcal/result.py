@@ -95,6 +95,7 @@ class FitResult:
         cols: dict[str, np.ndarray] = {
             "source_id": src.source_id[rows], "visit": a.visits[a.visit_index],
             "detector": a.detectors[a.detector_index], "x": src.x[rows], "y": src.y[rows], "star": a.star,
+            "inst_flux": src.inst_flux[rows], "inst_flux_err": src.inst_flux_err[rows],
         }
         if fit is not None:
             ra, dec = self.solution.pixel_to_sky(cols["visit"], cols["detector"], cols["x"], cols["y"])
