@@ -100,7 +100,24 @@ def residual_correlation(u, v, rx, ry, group, r_max, n_bins=12):
         cnt += np.bincount(b[ok], None, n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         tt, xx = s_tt / cnt, s_xx / cnt
-    return np.sqrt(edges[1:] * edges[:-1]), {"xi_plus": tt + xx, "xi_tt": tt, "xi_xx": xx, "pairs": cnt}
+    xi_e, xi_b = eb_modes(tt + xx, tt - xx, np.log(edges[1] / edges[0]))
+    return np.sqrt(edges[1:] * edges[:-1]), {"xi_plus": tt + xx, "xi_tt": tt, "xi_xx": xx, "xi_E": xi_e,
+                                             "xi_B": xi_b, "pairs": cnt}
+
+
+def eb_modes(xi_plus: np.ndarray, xi_minus: np.ndarray, dlnr: float) -> tuple[np.ndarray, np.ndarray]:
+    """E (curl-free) and B (divergence-free) parts of a residual vector field's correlation.
+
+    For an isotropic 2-d vector field with power spectra P_E, P_B: xi_plus = int (P_E + P_B) J0
+    and xi_minus = xi_tt - xi_xx = -int (P_E - P_B) J2; since J2(x) - 2 J1(x)/x = -J0(x) and
+    int_x^inf J2(y)/y dy = J1(x)/x, xi_minus(r) - 2 int_r^inf xi_minus(r') dr'/r' = int (P_E - P_B) J0.
+    Hence xi_E = (xi_plus + that)/2 and xi_B = (xi_plus - that)/2. Bins are log-spaced (step
+    `dlnr`); the integral is truncated at the largest separation (taken as zero beyond).
+    """
+    m = np.nan_to_num(xi_minus)
+    tail = np.cumsum(m[::-1])[::-1] - 0.5 * m  # sum over bins >= i, half weight at i
+    j0_part = xi_minus - 2.0 * tail * dlnr
+    return 0.5 * (xi_plus + j0_part), 0.5 * (xi_plus - j0_part)
 
 
 def make_report(out_dir, *, overwrite: bool = True) -> Path:
@@ -211,14 +228,14 @@ def _astrometry_figures(plt, meas, metrics, save, notes):
     centres, xi = residual_correlation(u[keep], v[keep], rx[keep], ry[keep], visit[keep], r_max)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(0, color="k", lw=0.5)
-    for key, style in (("xi_plus", "o-"), ("xi_tt", "s--"), ("xi_xx", "^:")):
+    for key, style in (("xi_plus", "o-"), ("xi_tt", "s--"), ("xi_xx", "^:"), ("xi_E", "D-"), ("xi_B", "v-")):
         ax.plot(centres * 60, xi[key], style, label=key)
     ax.set_xscale("log")
     ax.set(xlabel="separation [arcmin]", ylabel="correlation [mas^2]", title="residual two-point correlation")
     ax.legend(fontsize=8)
     save(fig, "correlation.png", "Residual correlation",
          "Within-visit two-point correlation of residual vectors: xi_plus = <r1.r2>, xi_tt (along the separation), "
-         "xi_xx (across it).")
+         "xi_xx (across it), and its E (curl-free) and B (divergence-free) modes.")
     # chi2 history
     hist = [float(h) for h in metrics.get("astrometry_chi2_history", [])]
     if hist:

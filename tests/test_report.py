@@ -45,3 +45,21 @@ def test_correlation_of_coherent_field():
     assert np.allclose(xi["xi_plus"][ok], 1.0)
     _, xi = residual_correlation(u, v, rng.normal(size=2000), rng.normal(size=2000), np.zeros(2000, int), 0.5)
     assert np.all(np.abs(xi["xi_plus"][xi["pairs"] > 500]) < 0.2)
+
+
+def test_eb_modes_separate_a_gradient_field_from_a_curl_field():
+    """A curl-free residual field has B ~ 0; rotating every vector by 90 degrees swaps E and B."""
+    from jcal.report import residual_correlation
+
+    rng = np.random.default_rng(0)
+    u, v = rng.uniform(0, 1, 6000), rng.uniform(0, 1, 6000)
+    k = rng.normal(0, 6.0, (40, 2))
+    phase = rng.uniform(0, 2 * np.pi, 40)
+    arg = np.outer(u, k[:, 0]) + np.outer(v, k[:, 1]) + phase  # potential = sum cos(k.x + phase)
+    gx, gy = -(np.sin(arg) * k[:, 0]).sum(1), -(np.sin(arg) * k[:, 1]).sum(1)
+    group = np.zeros(len(u), int)
+    _, grad = residual_correlation(u, v, gx, gy, group, 0.3)
+    _, curl = residual_correlation(u, v, -gy, gx, group, 0.3)
+    small = slice(0, 6)
+    assert np.all(np.abs(grad["xi_B"][small]) < 0.2 * np.abs(grad["xi_E"][small]))
+    assert np.all(np.abs(curl["xi_E"][small]) < 0.2 * np.abs(curl["xi_B"][small]))

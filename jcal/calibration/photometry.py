@@ -404,7 +404,13 @@ class PhotometryFit:
         with np.errstate(divide="ignore", invalid="ignore"):
             mag = np.where(flux > 0, AB_ZERO_POINT_NJY - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
             mag_err = np.where(flux > 0, MAG_PER_FRACTION * flux_err / flux, np.nan)
+        # residual against the fitted star, in mag (the report maps it per visit)
+        star_value = np.asarray(self.stars.value)[a.star, self.measurement_band]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            star_mag = star_value if self.kind == "magnitude" else \
+                AB_ZERO_POINT_NJY - 2.5 * np.log10(np.where(star_value > 0, star_value, np.nan))
         return {"calib_flux": flux, "calib_flux_err": flux_err, "calib_mag": mag, "calib_mag_err": mag_err,
+                "residual_mag": mag - star_mag,
                 "photometry_calibration": c, "photometry_chi2": self.chi2_per_measurement(),
                 "photometry_outlier": self.valid & (self.weights == 0),
                 "photometry_used": self.weights > 0}
