@@ -105,6 +105,10 @@ def radial_astrometry(initial: ConstrainedAstrometry, optical_center=None, k=(0.
                             visit=initial.visit, sky=initial.sky, reference_detector=initial.reference_detector)
 
 
+# every group's four corner nodes (the grid's bilinear part duplicates the polynomial's)
+_CORNERS = (slice(None), jnp.array([0, 0, -1, -1]), jnp.array([0, -1, 0, -1]))
+
+
 # -- (b) per-chip pixel grid ------------------------------------------------------------------------
 class PixelGrid(Transform):
     """(x, y) -> (x, y) + bilinear node offsets [pixels] over the detector box [lo, hi]."""
@@ -132,8 +136,7 @@ class PixelGridAstrometry(Transform):
 
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)
-        return _zero_where(mask, lambda m: m.grid.inner.offsets, (slice(None), jnp.array([0, 0, -1, -1]),
-                                                                  jnp.array([0, -1, 0, -1])))
+        return _zero_where(mask, lambda m: m.grid.inner.offsets, _CORNERS)
 
     def first_stage(self, mask):
         mask = _zero_all(mask, lambda m: m.chip.inner.coeffs)
@@ -176,8 +179,7 @@ class TurbulentAstrometry(Transform):
 
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)
-        return _zero_where(mask, lambda m: m.visit.inner.field, (slice(None), jnp.array([0, 0, -1, -1]),
-                                                                 jnp.array([0, -1, 0, -1])))
+        return _zero_where(mask, lambda m: m.visit.inner.field, _CORNERS)
 
     def first_stage(self, mask):
         mask = _zero_all(mask, lambda m: m.chip.inner.coeffs)

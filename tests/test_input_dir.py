@@ -105,25 +105,18 @@ def test_missing_column_names_it_and_suggests(indir):
     assert "available columns" in msg and "'instFlux'" in msg
 
 
-def test_nan_in_required_column(indir):
+@pytest.mark.parametrize("table, column, row, message", [
+    ("sources.parquet", "y", 3, r"sources\.parquet.*'y'.*NaN"),
+    ("refcat.parquet", "dec_err", 0, r"refcat\.parquet.*'dec_err'"),
+])
+def test_nan_in_required_column(indir, table, column, row, message):
     def edit(t):
-        x = t.column("y").to_numpy().copy()
-        x[3] = np.nan
-        return _set_column(t, "y", x)
+        x = t.column(column).to_numpy().copy()
+        x[row] = np.nan
+        return _set_column(t, column, x)
 
-    _edit_parquet(indir / "sources.parquet", edit)
-    with pytest.raises(InputError, match=r"sources\.parquet.*'y'.*NaN"):
-        read_input(indir)
-
-
-def test_nan_in_refcat(indir):
-    def edit(t):
-        x = t.column("dec_err").to_numpy().copy()
-        x[0] = np.nan
-        return _set_column(t, "dec_err", x)
-
-    _edit_parquet(indir / "refcat.parquet", edit)
-    with pytest.raises(InputError, match=r"refcat\.parquet.*'dec_err'"):
+    _edit_parquet(indir / table, edit)
+    with pytest.raises(InputError, match=message):
         read_input(indir)
 
 

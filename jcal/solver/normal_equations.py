@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import cho_solve
 
 from jcal_models import gather
@@ -171,7 +172,7 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
         phi = jnp.concatenate(phis, axis=0)  # (N_tile, stars*q)
         fill = phi @ phi.T
         sizes = [groups[k].shape[0] * layout.row_sizes[k] for k in range(n_leaves)]
-        cuts = _cumsum(sizes)
+        cuts = np.cumsum(sizes)[:-1].tolist()
         new = dict(carry)
         for k, fk in enumerate(jnp.split(fill, cuts, axis=0)):
             for l, fkl in enumerate(jnp.split(fk, cuts, axis=1)):
@@ -184,14 +185,6 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
         step = functools.partial(one_tile, n_star_slots=int(tiles.stars.shape[1]))
         blocks, _ = jax.lax.scan(step, blocks, (tiles.measurements, tiles.star_local, tiles.slots, tiles.groups))
     return blocks
-
-
-def _cumsum(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for s in sizes[:-1]:
-        total += s
-        out.append(total)
-    return out
 
 
 def _star_cholesky(h_ss: jax.Array) -> jax.Array:
