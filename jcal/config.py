@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +18,44 @@ ASTROMETRY_MODELS = ("constrained", "simple")
 PHOTOMETRY_MODELS = ("constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux")
 
 
+COLOUR_TERM_KEYS = ("primary", "secondary", "c0", "c1", "c2")
+
+
 class ConfigError(ValueError):
     """A configuration value that is out of range; the message names the field."""
+
+
+def normalise_colour_terms(terms: Any) -> dict[str, dict[str, Any]]:
+    """`{band: {primary, secondary, c0, c1, c2}}` checked and completed (c0, c1, c2 default 0).
+
+    jointcal/LSST Colorterm semantics: for visits in `band`,
+    mag_instrument = mag_ref(primary) + c0 + c1 (mag_ref(primary) - mag_ref(secondary)) + c2 (...)**2,
+    primary and secondary being reference catalog band names.
+    """
+    if not isinstance(terms, dict):
+        raise ConfigError(f"config field 'colour_terms' must be a dict {{band: {{primary, secondary, c0, c1, c2}}}}, "
+                          f"not {type(terms).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for band, term in terms.items():
+        where = f"config field 'colour_terms' band {band!r}"
+        if not isinstance(term, dict):
+            raise ConfigError(f"{where}: expected a dict with keys {COLOUR_TERM_KEYS}, got {term!r}")
+        unknown = sorted(set(term) - set(COLOUR_TERM_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(COLOUR_TERM_KEYS)}")
+        for name in ("primary", "secondary"):
+            if not isinstance(term.get(name), str) or not term.get(name):
+                raise ConfigError(f"{where}: {name!r} must name a reference catalog band, got {term.get(name)!r}")
+        if term["primary"] == term["secondary"]:
+            raise ConfigError(f"{where}: primary and secondary are both {term['primary']!r}; the colour would be 0")
+        coeffs = {}
+        for name in ("c0", "c1", "c2"):
+            value = term.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{where}: {name!r} must be a finite number, got {value!r}")
+            coeffs[name] = float(value)
+        out[str(band)] = {"primary": term["primary"], "secondary": term["secondary"], **coeffs}
+    return out
 
 
 @dataclass(frozen=True)
@@ -53,6 +90,11 @@ class FitConfig:
     flux_pedestal: float = 0.0  # fractional, added in quadrature to instFluxErr / instFlux
     magnitude_pedestal: float = 0.0  # mag, added in quadrature
     reference_band: str | None = None  # refcat band for each visit band; None: same name
+    # Colour terms {band: {"primary": refcat band, "secondary": refcat band, "c0", "c1", "c2"}}:
+    # visits in `band` see mag_ref(primary) + c0 + c1 colour + c2 colour^2, colour = primary - secondary
+    # (jointcal's colorterm library). A band listed here takes its reference fluxes from `primary`.
+    colour_terms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fit_colour_terms: bool = False  # fit c1 of every band in colour_terms (its value there: the start)
 
     # Solver.
     outlier_sigma: float = 5.0  # reject at this many sigma (equivalent Gaussian tail)
@@ -92,6 +134,10 @@ class FitConfig:
         check("astrometry", isinstance(self.astrometry, bool), "True or False")
         check("photometry", isinstance(self.photometry, bool), "True or False")
         check("astrometry", self.astrometry or self.photometry, "at least one of astrometry/photometry must be on")
+        object.__setattr__(self, "colour_terms", normalise_colour_terms(self.colour_terms))
+        check("fit_colour_terms", isinstance(self.fit_colour_terms, bool), "True or False")
+        check("fit_colour_terms", not self.fit_colour_terms or bool(self.colour_terms),
+              "True needs colour_terms naming, per band to fit, the primary and secondary reference bands")
 
     def replace(self, **changes: Any) -> "FitConfig":
         return dataclasses.replace(self, **changes)

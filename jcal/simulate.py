@@ -27,6 +27,11 @@ calibration (nJy per count) is a per-visit zero point (~0.1 mag) x a per-detecto
 Poisson + background noise. Centroid errors are FWHM / (2.355 S/N) with a floor, and the
 catalog reports the true errors. A small fraction of detections are gross outliers.
 
+Colour terms (`SimConfig.colour_terms`, default none): the reference catalog's band b differs
+from the instrument's band b by c1_b x colour, mag_instrument = mag_ref(b) + c1_b (mag_ref(b) -
+mag_ref(b')), b' the next band of `bands_unique` (cyclically): detections follow the instrument
+magnitudes (`TrueStars.mag`), the reference catalog the reference ones (`TrueStars.ref_mag`).
+
 Everything is vectorised numpy, one visit at a time, so the large presets stay fast and
 memory-lean. Random streams are split per component (camera, visits, stars, reference
 catalog, calibration, first-guess WCS, and the detections of each visit), so changing one
@@ -98,6 +103,8 @@ class SimConfig:
     count_slope: float = 0.3  # d log10 N / d mag
     colour_mean: float = -0.3  # mag(other band) - mag(first band)
     colour_sigma: float = 0.2
+    # c1 per band of bands_unique (empty: none): instrument = reference + c1 (ref(b) - ref(next band))
+    colour_terms: tuple[float, ...] = ()
     pm_mean_mas: tuple[float, float] = (-2.0, -4.0)  # (pmra*cos dec, pmdec), mas/yr
     pm_sigma_mas: float = 10.0
     # Reference catalog (Gaia-like).
@@ -132,8 +139,14 @@ class SimConfig:
         if not self.bands:
             raise ValueError("SimConfig.bands must name at least one band")
         object.__setattr__(self, "bands", tuple(self.bands))
-        for name in ("pm_mean_mas", "ref_position_error_mas", "outlier_offset_arcsec", "wcs_shift_arcsec"):
+        for name in ("pm_mean_mas", "ref_position_error_mas", "outlier_offset_arcsec", "wcs_shift_arcsec",
+                     "colour_terms"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.colour_terms and len(self.colour_terms) != len(self.bands_unique):
+            raise ValueError(f"SimConfig.colour_terms needs one c1 per band of {self.bands_unique}, "
+                             f"got {self.colour_terms}")
+        if any(self.colour_terms) and len(self.bands_unique) < 2:
+            raise ValueError("SimConfig.colour_terms needs at least two bands (a colour)")
 
     # Derived geometry ---------------------------------------------------------------------
     @property
@@ -163,6 +176,12 @@ class SimConfig:
     @property
     def bands_unique(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.bands))
+
+    def colour_term(self, band: str) -> tuple[str, float]:
+        """(secondary band, c1) of the simulated colour term of `band` (c1 = 0: none)."""
+        bands = self.bands_unique
+        k = bands.index(band)
+        return bands[(k + 1) % len(bands)], (self.colour_terms[k] if self.colour_terms else 0.0)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -302,8 +321,14 @@ class TrueStars:
     dec: np.ndarray
     pmra: np.ndarray  # float64 (s,) mas/yr, pmra * cos(dec)
     pmdec: np.ndarray
-    mag: dict[str, np.ndarray]  # band -> (s,) AB mag
+    mag: dict[str, np.ndarray]  # band -> (s,) AB mag in the instrument band (what detections see)
     epoch: float = 2016.0
+    ref_mag: dict[str, np.ndarray] | None = None  # band -> (s,) AB mag in the reference catalog's band
+
+    @property
+    def reference_mag(self) -> dict[str, np.ndarray]:
+        """Reference catalog magnitudes (the instrument ones when no colour term was simulated)."""
+        return self.mag if self.ref_mag is None else self.ref_mag
 
     def __len__(self) -> int:
         return self.ra.shape[0]
@@ -521,13 +546,19 @@ def _make_stars(cfg: SimConfig, rng: np.random.Generator, radius_deg: float) -> 
     # N(<m) ∝ 10**(slope m): inverse-CDF sampling.
     a, b = 10 ** (cfg.count_slope * cfg.mag_min), 10 ** (cfg.count_slope * cfg.mag_max)
     mag0 = np.log10(a + rng.uniform(0, 1, n) * (b - a)) / cfg.count_slope
-    mags = {}
+    ref_mags = {}
     for k, band in enumerate(cfg.bands_unique):
-        mags[band] = mag0 if k == 0 else mag0 + rng.normal(cfg.colour_mean * k, cfg.colour_sigma, n)
+        ref_mags[band] = mag0 if k == 0 else mag0 + rng.normal(cfg.colour_mean * k, cfg.colour_sigma, n)
     pmra = rng.normal(cfg.pm_mean_mas[0], cfg.pm_sigma_mas, n)
     pmdec = rng.normal(cfg.pm_mean_mas[1], cfg.pm_sigma_mas, n)
+    mags = ref_mags
+    if any(cfg.colour_terms):  # the instrument bands differ from the catalog's by c1 x colour
+        mags = {}
+        for band in cfg.bands_unique:
+            secondary, c1 = cfg.colour_term(band)
+            mags[band] = ref_mags[band] + c1 * (ref_mags[band] - ref_mags[secondary])
     return TrueStars(id=np.arange(n, dtype=np.int64), ra=ra, dec=dec, pmra=pmra, pmdec=pmdec, mag=mags,
-                     epoch=cfg.ref_epoch)
+                     epoch=cfg.ref_epoch, ref_mag=ref_mags if mags is not ref_mags else None)
 
 
 def _make_refcat(cfg: SimConfig, stars: TrueStars, rng: np.random.Generator) -> ReferenceCatalog:
@@ -535,8 +566,9 @@ def _make_refcat(cfg: SimConfig, stars: TrueStars, rng: np.random.Generator) -> 
 
     ``ref_id`` is the true star id (a test convenience; fits match by position)."""
     band0 = cfg.bands_unique[0]
-    sel = np.flatnonzero(stars.mag[band0] < cfg.ref_mag_limit)
-    m = stars.mag[band0][sel]
+    ref_mag = stars.reference_mag
+    sel = np.flatnonzero(ref_mag[band0] < cfg.ref_mag_limit)
+    m = ref_mag[band0][sel]
     lo, hi = cfg.ref_position_error_mas
     # Errors grow log-linearly with magnitude, lo at mag_min to hi at the limit (Gaia-like).
     frac = np.clip((m - cfg.mag_min) / max(cfg.ref_mag_limit - cfg.mag_min, 1e-9), 0, 1)
@@ -547,7 +579,7 @@ def _make_refcat(cfg: SimConfig, stars: TrueStars, rng: np.random.Generator) -> 
     ra = (stars.ra[sel] + rng.normal(0, 1, n) * err / 3.6e6 / np.cos(np.radians(stars.dec[sel]))) % 360.0
     fluxes = {}
     for band in cfg.bands_unique:
-        f = _flux_njy(stars.mag[band][sel])
+        f = _flux_njy(ref_mag[band][sel])
         fluxes[band] = (f * (1 + cfg.ref_flux_error * rng.normal(0, 1, n)), cfg.ref_flux_error * f)
     return ReferenceCatalog(
         ref_id=stars.id[sel], ra=ra, dec=dec, ra_err=err, dec_err=err.copy(), epoch=np.full(n, stars.epoch),
@@ -786,7 +818,8 @@ def write_simulation(sim: Simulation, path: str | os.PathLike, overwrite: bool =
         s = t.stars
         _write_parquet(tdir / "stars.parquet", {"id": s.id, "ra": s.ra, "dec": s.dec, "pmra": s.pmra,
                                                 "pmdec": s.pmdec, "epoch": np.full(len(s), s.epoch),
-                                                **{f"mag_{b}": m for b, m in s.mag.items()}})
+                                                **{f"mag_{b}": m for b, m in s.mag.items()},
+                                                **{f"ref_mag_{b}": m for b, m in (s.ref_mag or {}).items()}})
         _write_parquet(tdir / "measurements.parquet",
                        {f.name: getattr(t.measurements, f.name) for f in dataclasses.fields(t.measurements)})
         _write_parquet(tdir / "calibration.parquet",
@@ -805,6 +838,8 @@ def write_simulation(sim: Simulation, path: str | os.PathLike, overwrite: bool =
         (tdir / "config.json").write_text(json.dumps({
             "seed": sim.seed, "config": sim.config.to_dict(), "distortion_k": t.distortion_k,
             "calib_scale": t.calib_scale, "monomials": [list(m) for m in MONOMIALS],
+            "colour_terms": {b: {"primary": b, "secondary": sim.config.colour_term(b)[0],
+                                 "c1": sim.config.colour_term(b)[1]} for b in sim.config.bands_unique},
             "notes": "poly_x_ij / poly_e_ij: xi / eta (deg) coefficient of fx^i fy^j (mm); "
                      "affine_ak: focal axis a = affine_a0 + affine_a1 x + affine_a2 y; parallax is 0.",
         }, indent=1))
@@ -824,7 +859,8 @@ def read_truth(path: str | os.PathLike) -> Truth:
     st = cols("stars.parquet")
     stars = TrueStars(id=st["id"], ra=st["ra"], dec=st["dec"], pmra=st["pmra"], pmdec=st["pmdec"],
                       mag={k[4:]: v for k, v in st.items() if k.startswith("mag_")},
-                      epoch=float(st["epoch"][0]) if st["epoch"].size else cfg.ref_epoch)
+                      epoch=float(st["epoch"][0]) if st["epoch"].size else cfg.ref_epoch,
+                      ref_mag={k[8:]: v for k, v in st.items() if k.startswith("ref_mag_")} or None)
     vs, ds = cols("visits.parquet"), cols("detectors.parquet")
     polys = np.stack([np.stack([vs[f"poly_{ax}_{i}{j}"] for i, j in MONOMIALS], -1) for ax in "xe"], axis=1)
     field = np.stack([vs[f"field_{i}{j}"] for i, j in MONOMIALS], -1)

@@ -34,6 +34,7 @@ from .projection import sky_to_tangent, tangent_to_sky  # noqa: E402
 from .stars import MAS, Stars  # noqa: E402
 from .photometry import (  # noqa: E402
     ChebyshevField,
+    ColourTerms,
     Constant,
     ConstrainedFlux,
     ConstrainedMagnitude,
@@ -41,8 +42,12 @@ from .photometry import (  # noqa: E402
     PhotometricTransform,
     SimpleFlux,
     SimpleMagnitude,
+    WithColourTerms,
+    base_form,
+    colour_terms,
     constrained_flux,
     constrained_magnitude,
+    freeze_colour_slope,
     simple_flux,
     simple_magnitude,
 )

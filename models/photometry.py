@@ -26,11 +26,19 @@ Forms (jointcal's four photometry models):
   band at its starting value (`fix_gauge`), 1 for flux, 0 for magnitude.
 
 `PhotometricStars` holds the fitted flux (nJy) or magnitude (AB) of every star in every band.
+
+Colour terms (`ColourTerms`, `WithColourTerms`): the instrument band b differs from the
+reference catalog's band by a polynomial in a reference colour (jointcal / LSST ``Colorterm``),
+``mag_instrument = mag_ref(primary) + c0_b + c1_b colour + c2_b colour**2`` with
+``colour = mag_ref(primary) - mag_ref(secondary)``. `WithColourTerms(base, colour)` is the
+photometric form `base` (its `__call__`, `kind`, gauge unchanged) carrying the per-band
+coefficients as GLOBAL (ungrouped) parameters, so the solver can fit ``c1`` jointly with the
+calibration; ``c0`` and ``c2`` are data (``c0`` is degenerate with the zero points).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -169,6 +177,88 @@ class PhotometricStars(eqx.Module):
 
     def magnitude(self):
         return self.value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(self.value)
+
+
+class ColourTerms(eqx.Module):
+    """Per fitted band b: delta_b(colour) = c0_b + c1_b colour + c2_b colour**2 [mag], the
+    instrument-minus-reference magnitude of a star whose reference colour (primary - secondary,
+    both reference catalog bands) is `colour`. Bands without a colour term have empty names and
+    zero coefficients. Not `Grouped`: every measurement sees every band's coefficients (GLOBAL)."""
+
+    slope: Float[Array, "bands"]  # c1: fitted when `fitted[b]`
+    offset: Float[Array, "bands"] = fixed_field()  # c0: never fitted (degenerate with the zero points)
+    curvature: Float[Array, "bands"] = fixed_field()  # c2
+    primary: tuple[str, ...] = eqx.field(static=True, default=())  # reference band per fitted band ("" none)
+    secondary: tuple[str, ...] = eqx.field(static=True, default=())
+    fitted: tuple[bool, ...] = eqx.field(static=True, default=())  # c1 free in the fit
+
+    def __call__(self, band, colour):
+        """delta [mag] for band index `band` (a scalar) at reference colour `colour`."""
+        return self.offset[band] + self.slope[band] * colour + self.curvature[band] * colour**2
+
+    @property
+    def active(self) -> tuple[bool, ...]:
+        """Per band: has a colour term (a primary and secondary reference band)."""
+        return tuple(bool(p) for p in self.primary)
+
+
+class WithColourTerms(PhotometricTransform):
+    """A photometric form `base` plus per-band colour terms; evaluates exactly as `base`.
+
+    The colour term does not change the calibration of a measurement: it relates the
+    reference catalog to the instrument band, so the photometric fit applies it where
+    reference fluxes meet fitted stars (see `jcal.calibration.photometry`)."""
+
+    base: PhotometricTransform
+    colour: ColourTerms
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.base.kind
+
+    def __call__(self, x, y):
+        return self.base(x, y)
+
+    def fix_gauge(self, mask):
+        """The base form's gauge, and c1 held for bands whose colour term is not fitted."""
+        if hasattr(self.base, "fix_gauge"):
+            mask = eqx.tree_at(lambda m: m.base, mask, self.base.fix_gauge(mask.base))
+        if mask.colour.slope is None:  # c1 not a parameter at all (mapping filter)
+            return mask
+        free = jnp.asarray(self.colour.fitted, dtype=mask.colour.slope.dtype)
+        return eqx.tree_at(lambda m: m.colour.slope, mask, mask.colour.slope * free)
+
+    def hold_colour(self, mask):
+        """`mask` with every colour coefficient held (stages where the stars are not fitted)."""
+        if mask.colour.slope is None:
+            return mask
+        return eqx.tree_at(lambda m: m.colour.slope, mask, jnp.zeros_like(mask.colour.slope))
+
+    @property
+    def first_stage(self):
+        """The base form's first-stage mask function with the colour terms held, or None."""
+        base_first = getattr(self.base, "first_stage", None)
+        if base_first is None:
+            return None
+        return lambda mask: self.hold_colour(eqx.tree_at(lambda m: m.base, mask, base_first(mask.base)))
+
+
+def colour_terms(primary, secondary, c0, c1, c2, fitted) -> ColourTerms:
+    """Per-band colour terms; the sequences are aligned with the fit's bands ("" = no term)."""
+    as_array = lambda v: jnp.asarray(v, dtype=jnp.float64)  # noqa: E731
+    return ColourTerms(slope=as_array(c1), offset=as_array(c0), curvature=as_array(c2),
+                       primary=tuple(str(p) for p in primary), secondary=tuple(str(s) for s in secondary),
+                       fitted=tuple(bool(f) for f in fitted))
+
+
+def freeze_colour_slope(filter_tree: Any) -> Any:
+    """A parameter filter of a `WithColourTerms` model with c1 not fitted (fixed coefficients)."""
+    return eqx.tree_at(lambda f: f.colour.slope, filter_tree, False)
+
+
+def base_form(model: PhotometricTransform) -> PhotometricTransform:
+    """The photometric form without its colour terms (the model itself when it has none)."""
+    return model.base if isinstance(model, WithColourTerms) else model
 
 
 # -- constructors ----------------------------------------------------------------------------

@@ -38,7 +38,28 @@ A star with a reference flux in the band (refcat band `config.reference_band` fo
 band if set, else the visit's band name) adds (F_s,b - F_ref) / F_ref_err (flux models) or
 (m_s,b - m_ref) / (1.0857 F_ref_err / F_ref) (magnitude models). A multi-band fit is one
 problem, but the bands only share the star list: each band has its own star fluxes,
-detector constants (group "band_detector") and gauge. Colour terms are not modelled.
+detector constants (group "band_detector") and gauge.
+
+Colour terms (`config.colour_terms`, jointcal's colorterm library): for a band b with a term,
+the reference magnitude is carried into the instrument band before it meets the fitted star,
+m_ref,inst = m_ref(primary) + delta_b(colour), delta_b = c0 + c1 colour + c2 colour^2,
+colour = m_ref(primary) - m_ref(secondary); its error propagates both bands' errors at the
+configured coefficients, sigma^2 = ((1 + c1 + 2 c2 colour) sigma_p)^2 + ((c1 + 2 c2 colour) sigma_s)^2
+(held during the fit). A star whose reference lacks a usable secondary flux gets NO reference
+constraint in b (an untransformed one would bias the zero point by c1 x its unknown colour);
+such stars are counted (``photometry_reference_without_colour``). With `fit_colour_terms`, c1 of
+each such band is one GLOBAL mapping parameter (`jcal_models.WithColourTerms`) fitted jointly by
+the same solver; c0 stays fixed (a common offset of all references of a band: the zero points'
+own degeneracy) and c1 is informative only through reference stars of different colours, so a
+band whose used reference colours spread by less than MIN_COLOUR_SPREAD (or has fewer than
+MIN_COLOUR_STARS) raises `InputError` before fitting. The solver's reference constraints see
+only their star, not the mapping, so the fit carries each such star in the REFERENCE system,
+s' = s_inst - delta (flux: F' = F_inst 10^(0.4 delta)): the reference constraint becomes
+(s' - m_ref(primary)) / sigma and the measurements compare with s' + delta. This is an exact,
+per-star change of variables (same chi2, same minimum, same leave-one-out outlier scores) that
+lets autodiff through the per-measurement residual give d(residual)/d(c1). Outputs
+(stars.parquet, measurement residuals) are transformed back to the instrument band. c1 is held
+in the stages where the stars are held (it is informative only when they move with it).
 
 The focal-plane position used by constrained models is the chip part of the fitted
 astrometric model when `astrometry` has one (`model.chip`, Grouped by "detector"), else
@@ -55,6 +76,7 @@ measurements tie it down (`PhotometryFit.informative`, metric
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -70,9 +92,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import jcal_models as jm
-from jcal_models.photometry import (AB_ZERO_POINT_NJY, ConstrainedFlux, ConstrainedMagnitude, PhotometricStars,
-                                    PhotometricTransform, SimpleFlux, SimpleMagnitude, constrained_flux,
-                                    constrained_magnitude, simple_flux, simple_magnitude)
+from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedFlux, ConstrainedMagnitude,
+                                    PhotometricStars, PhotometricTransform, SimpleFlux, SimpleMagnitude,
+                                    WithColourTerms, base_form, colour_terms, constrained_flux,
+                                    constrained_magnitude, freeze_colour_slope, simple_flux, simple_magnitude)
 
 from ..associate import Association
 from ..sky import unit_vectors
@@ -88,11 +111,27 @@ GRID = 8  # samples per axis of a detector for photo_calib_grid.parquet
 MEAN_GRID = 16  # samples per axis for the mean calibration over a detector
 BRIGHT_SNR = 100.0  # repeatability uses measurements above this S/N
 MAX_ERROR_REFRESHES = 30  # flux models: refresh-and-solve rounds towards the fixed point
+MIN_COLOUR_SPREAD = 0.01  # mag: rms of a band's reference colours below which c1 cannot be fitted
+MIN_COLOUR_STARS = 3  # reference stars with a colour needed to fit a band's c1
 
 
 # --------------------------------------------------------------------------------------------
 # Residuals
 # --------------------------------------------------------------------------------------------
+
+
+def instrument_value(model, star, m):
+    """The star's flux (or magnitude) in the measurement's band, in the instrument system.
+
+    Without colour terms, its fitted value. With them (`WithColourTerms`), a star whose reference
+    constraint is colour-transformed (m["colour_on"] = 1) is carried in the reference system, so
+    its instrument value is s' + delta(colour) (flux: F' 10^(-0.4 delta)), see the module docstring.
+    """
+    value = star.value[m["band"]]
+    if not isinstance(model, WithColourTerms):
+        return value
+    delta = model.colour(m["band"], m["colour"]) * m["colour_on"]
+    return value + delta if star.kind == "magnitude" else value * 10.0 ** (-0.4 * delta)
 
 
 def flux_residual(model, star, m):
@@ -104,13 +143,13 @@ def flux_residual(model, star, m):
     """
     c = model(m["x"], m["y"])
     scale = jnp.where(m["live"] > 0, jnp.abs(c), m["c_fixed"])
-    return jnp.reshape((m["inst_flux"] * c - star.value[m["band"]]) / (scale * m["err"]), (1,))
+    return jnp.reshape((m["inst_flux"] * c - instrument_value(model, star, m)) / (scale * m["err"]), (1,))
 
 
 def magnitude_residual(model, star, m):
     """Whitened residual (1,) of one measurement under a magnitude model."""
     z = model(m["x"], m["y"])
-    return jnp.reshape((m["inst_mag"] + z - star.value[m["band"]]) / m["sigma"], (1,))
+    return jnp.reshape((m["inst_mag"] + z - instrument_value(model, star, m)) / m["sigma"], (1,))
 
 
 def reference_photometry_residual(star, ref):
@@ -128,6 +167,11 @@ def _group_keys_used(model) -> set[str]:
 
 
 def _structure(model: PhotometricTransform) -> dict:
+    if isinstance(model, WithColourTerms):
+        c = model.colour
+        return {**_structure(model.base), "colour_terms": {"primary": list(c.primary),
+                                                          "secondary": list(c.secondary),
+                                                          "fitted": list(c.fitted)}}
     if isinstance(model, (SimpleFlux, SimpleMagnitude)):
         return {"form": "simple_flux" if isinstance(model, SimpleFlux) else "simple_magnitude",
                 "n_ccd_visits": model.ccd_visit.n_groups}
@@ -145,6 +189,11 @@ def _structure(model: PhotometricTransform) -> dict:
 
 def _skeleton(s: dict) -> PhotometricTransform:
     z = np.zeros
+    if "colour_terms" in s:
+        c = s["colour_terms"]
+        n = len(c["primary"])
+        base = _skeleton({k: v for k, v in s.items() if k != "colour_terms"})
+        return WithColourTerms(base, colour_terms(c["primary"], c["secondary"], z(n), z(n), z(n), c["fitted"]))
     if s["form"] in ("simple_flux", "simple_magnitude"):
         make = simple_flux if s["form"] == "simple_flux" else simple_magnitude
         return make(z(s["n_ccd_visits"]))
@@ -201,6 +250,18 @@ class PhotometricSolution:
     bands: tuple[str, ...]  # band names
     visit_band: np.ndarray  # (v,) index into `bands`
     band_detectors: np.ndarray  # (g, 2) (band index, detector index) of each "band_detector" group
+    colour_slope_errors: np.ndarray | None = None  # (bands,) 1-sigma error of each fitted c1 (0: fixed)
+
+    def colour_terms(self) -> dict[str, dict[str, Any]]:
+        """{band: {primary, secondary, c0, c1, c1_err, c2, fitted}} of the bands with a colour term."""
+        if not isinstance(self.model, WithColourTerms):
+            return {}
+        c = self.model.colour
+        errors = self.colour_slope_errors if self.colour_slope_errors is not None else np.zeros(len(self.bands))
+        return {band: {"primary": c.primary[b], "secondary": c.secondary[b], "c0": float(c.offset[b]),
+                       "c1": float(c.slope[b]), "c1_err": float(errors[b]), "c2": float(c.curvature[b]),
+                       "fitted": bool(c.fitted[b])}
+                for b, band in enumerate(self.bands) if c.active[b]}
 
     def index(self, visit, detector) -> dict[str, jax.Array]:
         """Group indices of (visit, detector) ids; KeyError for what the model cannot evaluate."""
@@ -255,6 +316,9 @@ class PhotometricSolution:
                 "detectors": self.detectors.tolist(), "ccd_visits": self.ccd_visits.tolist(),
                 "bands": list(self.bands), "visit_band": self.visit_band.tolist(),
                 "band_detectors": self.band_detectors.tolist()}
+        if self.colour_slope_errors is not None:
+            meta["colour_slope_errors"] = np.asarray(self.colour_slope_errors, float).tolist()
+            meta["colour_terms"] = self.colour_terms()  # for reading; the values reload from the .eqx
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         eqx.tree_serialise_leaves(path.with_suffix(".eqx"), self.model)
 
@@ -266,7 +330,8 @@ class PhotometricSolution:
         model = eqx.tree_deserialise_leaves(path.with_suffix(".eqx"), skeleton)
         return cls(model, np.array(meta["visits"], np.int64), np.array(meta["detectors"], np.int64),
                    np.array(meta["ccd_visits"], np.int64).reshape(-1, 2), tuple(meta["bands"]),
-                   np.array(meta["visit_band"], np.int64), np.array(meta["band_detectors"], np.int64).reshape(-1, 2))
+                   np.array(meta["visit_band"], np.int64), np.array(meta["band_detectors"], np.int64).reshape(-1, 2),
+                   np.array(meta["colour_slope_errors"], float) if "colour_slope_errors" in meta else None)
 
 
 def load_photometric_model(path: str | Path, like: PhotometricTransform | None = None) -> PhotometricSolution:
@@ -302,6 +367,8 @@ class PhotometryFit:
     ndof: int
     counts: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reference_colour: np.ndarray | None = None  # (S, bands) colour of each band's colour term, 0: none
+    colour_applied: np.ndarray | None = None  # (S, bands) bool: star carried in the reference system
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -344,6 +411,57 @@ class PhotometryFit:
 
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
+
+    # -- colour terms ----------------------------------------------------------------------------
+    def colour_delta(self) -> np.ndarray:
+        """(S, bands) instrument minus reference magnitude of each star at the fitted colour terms,
+        0 where no colour term applies (no term in the band, or no reference colour)."""
+        shape = np.shape(self.stars.value)
+        if not isinstance(self.model, WithColourTerms) or self.colour_applied is None:
+            return np.zeros(shape)
+        c, col = self.model.colour, self.reference_colour
+        delta = (np.asarray(c.offset)[None, :] + np.asarray(c.slope)[None, :] * col
+                 + np.asarray(c.curvature)[None, :] * col**2)
+        return np.where(self.colour_applied, delta, 0.0)
+
+    def instrument_star_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(S, bands) fitted star values in the instrument band (the fit carries colour-transformed
+        stars in the reference system) and the factor (S, bands) that scales their errors."""
+        value, delta = np.asarray(self.stars.value), self.colour_delta()
+        if self.kind == "magnitude":
+            return value + delta, np.ones_like(value)
+        factor = 10.0 ** (-0.4 * delta)
+        return value * factor, factor
+
+    def colour_slope_errors(self) -> np.ndarray | None:
+        """(bands,) 1-sigma error of each band's fitted c1 (mapping covariance, marginalised over the
+        stars; 0 where c1 is fixed); None without colour terms."""
+        if not isinstance(self.model, WithColourTerms):
+            return None
+        n_bands = len(self.bands)
+        pm, _ = eqx.partition(self.state.mapping, self.solver.mapping_filter)
+        if pm.colour.slope is None:  # fixed coefficients: not parameters of the fit
+            return np.zeros(n_bands)
+        marker = eqx.tree_at(lambda m: m.colour.slope, jax.tree.map(jnp.zeros_like, pm),
+                             jnp.arange(1.0, n_bands + 1.0))
+        where = np.asarray(self.solver.layout.flatten(marker))
+        variance = np.diagonal(self.mapping_covariance())
+        return np.array([np.sqrt(max(float(variance[np.flatnonzero(where == b + 1)[0]]), 0.0))
+                         for b in range(n_bands)])
+
+    def colour_term_summary(self) -> dict[str, dict[str, Any]]:
+        """Per band with a colour term: coefficients (c1 with its error), whether c1 was fitted, and
+        the reference stars that carried it (count, colour range)."""
+        out = self.solution.colour_terms()
+        if not out:
+            return out
+        used = self.colour_applied & (self.star_weights[:, None] > 0)
+        for b, band in enumerate(self.bands):
+            if band in out:
+                col = self.reference_colour[used[:, b], b]
+                out[band].update(n_reference_stars=int(col.size),
+                                 reference_colour_range=[float(col.min()), float(col.max())] if col.size else [])
+        return out
 
     def mapping_covariance(self) -> np.ndarray:
         """(N, N) covariance of the mapping parameters, marginalised over the stars (not rescaled by chi2/ndof)."""
@@ -404,8 +522,8 @@ class PhotometryFit:
         with np.errstate(divide="ignore", invalid="ignore"):
             mag = np.where(flux > 0, AB_ZERO_POINT_NJY - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
             mag_err = np.where(flux > 0, MAG_PER_FRACTION * flux_err / flux, np.nan)
-        # residual against the fitted star, in mag (the report maps it per visit)
-        star_value = np.asarray(self.stars.value)[a.star, self.measurement_band]
+        # residual against the fitted star (instrument band), in mag (the report maps it per visit)
+        star_value = self.instrument_star_values()[0][a.star, self.measurement_band]
         with np.errstate(divide="ignore", invalid="ignore"):
             star_mag = star_value if self.kind == "magnitude" else \
                 AB_ZERO_POINT_NJY - 2.5 * np.log10(np.where(star_value > 0, star_value, np.nan))
@@ -418,9 +536,9 @@ class PhotometryFit:
     def star_columns(self) -> dict[str, np.ndarray]:
         """Fitted flux (nJy) and AB magnitude of every star in every band, with errors (conditional on
         the fitted calibration); NaN where the star has no measurement in the band."""
-        value = np.asarray(self.stars.value)
+        value, error_scale = self.instrument_star_values()
         cov = self.solver.star_covariance(self.state, self.star_mask)
-        err = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
+        err = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0)) * error_scale
         fitted = self.star_mask > 0
         n = np.zeros(value.shape, np.int64)
         used = self.weights > 0
@@ -478,9 +596,11 @@ class PhotometryFit:
             "photometry_final_chi2": self.chi2,
             "photometry_final_ndof": self.ndof,
             "photometry_chi2_per_ndof": self.chi2 / max(self.ndof, 1),
-            "photometry_model": type(self.model).__name__,
+            "photometry_model": type(base_form(self.model)).__name__,
             "photometry_bands": list(self.bands),
             "photometry_reference_bands": list(self.reference_bands),
+            "photometry_colour_terms": self.colour_term_summary(),
+            "photometry_reference_without_colour": int(self.counts.get("reference_without_colour", 0)),
             "photometry_repeatability_mmag": self.repeatability_mmag(),
             "photometry_iterations": len(state.history),
             "photometry_outliers": state.n_outliers,
@@ -525,7 +645,7 @@ class PhotometryFit:
         """photo_calib.parquet, photo_calib_grid.parquet (constrained models), photometry_model.{json,eqx}."""
         out_dir = Path(out_dir)
         _write_parquet(out_dir / "photo_calib.parquet", self.calibration_table())
-        if isinstance(self.model, (ConstrainedFlux, ConstrainedMagnitude)):
+        if isinstance(base_form(self.model), (ConstrainedFlux, ConstrainedMagnitude)):
             _write_parquet(out_dir / "photo_calib_grid.parquet", self.calibration_grid())
         self.solution.save(out_dir / "photometry_model")
 
@@ -571,6 +691,87 @@ def _reference_fluxes(data: InputData, assoc: Association, ref_bands, kind: str)
     if kind == "magnitude":
         ok &= flux > 0
     return np.where(ok, flux, np.nan), np.where(ok, err, np.nan)
+
+
+def _colour_term_model(config: FitConfig, bands: tuple[str, ...], data: InputData) -> ColourTerms | None:
+    """The configured colour terms of the fitted bands (None when no fitted band has one); their
+    primary and secondary bands must be in the reference catalog."""
+    terms = config.colour_terms
+    unused = sorted(set(terms) - set(bands))
+    if unused:
+        log.info("photometry: colour terms configured for band(s) %s that no visit is in: unused", unused)
+    if not any(b in terms for b in bands):
+        return None
+    available = sorted(data.refcat.fluxes)
+    for band in bands:
+        for role in ("primary", "secondary"):
+            name = terms.get(band, {}).get(role)
+            if name is not None and name not in data.refcat.fluxes:
+                raise InputError(f"photometry: the colour term of band {band!r} needs reference fluxes in its {role} "
+                                 f"band {name!r}, but the reference catalog has {available}; fix "
+                                 "config.colour_terms or the reference catalog")
+    get = lambda band, key, default: terms[band][key] if band in terms else default  # noqa: E731
+    return colour_terms([get(b, "primary", "") for b in bands], [get(b, "secondary", "") for b in bands],
+                        [get(b, "c0", 0.0) for b in bands], [get(b, "c1", 0.0) for b in bands],
+                        [get(b, "c2", 0.0) for b in bands], [config.fit_colour_terms and b in terms for b in bands])
+
+
+def _reference_colours(data: InputData, assoc: Association, terms: ColourTerms):
+    """(S, B) reference colour (primary - secondary, mag; 0 where none) and (S, B) bool: usable
+    (matched reference star with positive, finite fluxes and errors in both bands)."""
+    n_bands = len(terms.primary)
+    colour, has = np.zeros((assoc.n_stars, n_bands)), np.zeros((assoc.n_stars, n_bands), bool)
+    matched = assoc.star_ref >= 0
+    r = assoc.star_ref[matched]
+    for b in range(n_bands):
+        if not terms.active[b]:
+            continue
+        (fp, ep), (fs, es) = (tuple(np.asarray(a, float)[r] for a in data.refcat.fluxes[name])
+                              for name in (terms.primary[b], terms.secondary[b]))
+        ok = np.isfinite(fp) & np.isfinite(fs) & (fp > 0) & (fs > 0) & np.isfinite(ep) & np.isfinite(es) \
+            & (ep > 0) & (es > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            col = -2.5 * np.log10(fp / fs)
+        colour[matched, b], has[matched, b] = np.where(ok, col, 0.0), ok
+    return colour, has
+
+
+def _colour_term_errors(data: InputData, assoc: Association, terms: ColourTerms, colour: np.ndarray,
+                        ref_flux: np.ndarray, ref_err: np.ndarray) -> np.ndarray:
+    """(S, B) error [nJy, reference system] of the colour-transformed reference flux of each band
+    with a colour term: sigma_m^2 = ((1 + c1 + 2 c2 col) sigma_p)^2 + ((c1 + 2 c2 col) sigma_s)^2 at
+    the configured coefficients, as a flux error F_p sigma_m / 1.0857. Other bands: unchanged."""
+    out = ref_err.copy()
+    matched = assoc.star_ref >= 0
+    r = assoc.star_ref[matched]
+    c1, c2 = np.asarray(terms.slope), np.asarray(terms.curvature)
+    for b in np.flatnonzero(terms.active):
+        fs, es = (np.asarray(a, float)[r] for a in data.refcat.fluxes[terms.secondary[b]])
+        sigma_s = np.full(assoc.n_stars, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma_s[matched] = MAG_PER_FRACTION * es / fs
+            sigma_p = MAG_PER_FRACTION * ref_err[:, b] / ref_flux[:, b]
+        d = c1[b] + 2.0 * c2[b] * colour[:, b]  # d delta / d colour
+        sigma_m = np.hypot((1.0 + d) * sigma_p, d * sigma_s)
+        out[:, b] = ref_flux[:, b] * sigma_m / MAG_PER_FRACTION
+    return out
+
+
+def _check_colour_spread(terms: ColourTerms, colour: np.ndarray, has_ref: np.ndarray, bands) -> None:
+    """InputError when a fitted c1 cannot be told from the zero point: too few reference stars with
+    a colour, or all of nearly the same colour (c1 * colour is then a constant offset)."""
+    for b, band in enumerate(bands):
+        if not terms.fitted[b]:
+            continue
+        col = colour[has_ref[:, b], b]
+        spread = float(np.std(col)) if col.size else 0.0
+        if col.size < MIN_COLOUR_STARS or spread < MIN_COLOUR_SPREAD:
+            raise InputError(
+                f"photometry: cannot fit the colour term of band {band!r}: {col.size} reference star(s) with a "
+                f"{terms.primary[b]} - {terms.secondary[b]} colour, spread (rms) {spread:.3g} mag; fitting c1 "
+                f"needs >= {MIN_COLOUR_STARS} stars spreading >= {MIN_COLOUR_SPREAD} mag, else c1 x colour is a "
+                "constant offset, degenerate with the zero points. Give c1 in config.colour_terms with "
+                "fit_colour_terms=False, or use reference stars of different colours")
 
 
 def focal_plane_map(data: InputData, assoc: Association, config: FitConfig, astrometry=None) -> jm.Grouped:
@@ -712,7 +913,9 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     n = len(rows)
     bands, visit_band = _bands(data, assoc)
     n_bands = len(bands)
-    ref_bands = tuple(_reference_band(config, b, data) for b in bands)
+    terms = _colour_term_model(config, bands, data)  # None: no colour terms
+    ref_bands = tuple(terms.primary[b] if terms is not None and terms.active[b] else _reference_band(config, band, data)
+                      for b, band in enumerate(bands))
     m_band = visit_band[assoc.visit_index]
     n_det = len(assoc.detectors)
     bd_keys, bd_index = np.unique(m_band * n_det + assoc.detector_index, return_inverse=True)
@@ -736,11 +939,30 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     ref_flux, ref_err = _reference_fluxes(data, assoc, ref_bands, kind)
     measured = np.zeros((assoc.n_stars, n_bands), bool)
     measured[assoc.star[valid], m_band[valid]] = True
+    colour = applied = None
+    delta0 = np.zeros((assoc.n_stars, n_bands))  # instrument - reference mag at the configured colour terms
+    if terms is not None:  # a band with a colour term uses only references with a colour, errors propagated
+        colour, has_colour = _reference_colours(data, assoc, terms)
+        lost = np.isfinite(ref_flux) & np.asarray(terms.active)[None, :] & ~has_colour
+        counts["reference_without_colour"] = int(np.any(lost & measured, axis=1).sum())
+        if counts["reference_without_colour"]:
+            log.warning("photometry: %d reference star(s) lack a usable secondary-band flux for their colour term: "
+                        "no reference constraint for them in those bands", counts["reference_without_colour"])
+        ref_err = np.where(lost, np.nan, _colour_term_errors(data, assoc, terms, colour, ref_flux, ref_err))
+        ref_flux = np.where(lost, np.nan, ref_flux)
     has_ref = np.isfinite(ref_flux) & measured
     for b, band in enumerate(bands):
         if not has_ref[:, b].any():
+            colour_note = (f" (and, for its colour term, a usable {terms.secondary[b]!r} flux)"
+                           if terms is not None and terms.active[b] else "")
             raise InputError(f"photometry: no star measured in band {band!r} matches a reference star with a "
-                             f"usable {ref_bands[b]!r} flux: the calibration's absolute level is undefined")
+                             f"usable {ref_bands[b]!r} flux{colour_note}: the calibration's absolute level is "
+                             "undefined")
+    if terms is not None:
+        _check_colour_spread(terms, colour, has_ref, bands)
+        applied = has_ref & np.asarray(terms.active)[None, :]
+        delta0 = np.where(applied, np.asarray(terms.offset) + np.asarray(terms.slope) * colour
+                          + np.asarray(terms.curvature) * colour**2, 0.0)
     informative = _informative(assoc.star, m_band, valid, has_ref)
     counts["uninformative_measurements"] = int(np.sum(valid & ~informative))
     if counts["uninformative_measurements"]:
@@ -750,8 +972,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     counts["reference_stars_collected"] = int(np.sum(np.any(
         np.stack([np.isfinite(np.asarray(data.refcat.fluxes[rb][0], float)) for rb in set(ref_bands)]), axis=0)))
 
-    # first-guess calibration: reference flux / instFlux
-    star_ref_flux = ref_flux[assoc.star, m_band]
+    # first-guess calibration: reference flux (in the instrument band) / instFlux
+    star_ref_flux = ref_flux[assoc.star, m_band] * 10.0 ** (-0.4 * delta0[assoc.star, m_band])
     ratio_ok = valid & np.isfinite(star_ref_flux) & (inst_flux > 0) & (star_ref_flux > 0)
     ratio = np.where(ratio_ok, star_ref_flux / np.where(inst_flux > 0, inst_flux, 1.0), np.nan)
     calib_k, calib_v = _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands)
@@ -763,6 +985,10 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
             center, half = _focal_domain(data, assoc, focal)
         model = initial_photometric_model(form, calib_k, calib_v, assoc, bd_index, bd_band, bd_detector, visit_band,
                                           n_bands, focal, center, half, config.photometry_visit_order)
+    if terms is not None and not isinstance(model, WithColourTerms):
+        model = WithColourTerms(model, terms)
+    if isinstance(model, WithColourTerms) and mapping_filter is None and not any(model.colour.fitted):
+        mapping_filter = freeze_colour_slope(jm.parameter_filter(model))  # fixed coefficients: data
     kind = model.kind
 
     index = {"star": assoc.star, "visit": assoc.visit_index, "detector": assoc.detector_index,
@@ -778,6 +1004,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         mdata["sigma"] = np.where(valid, np.sqrt((MAG_PER_FRACTION * err / safe_flux) ** 2
                                                  + config.magnitude_pedestal**2), 1.0)
         residual = magnitude_residual
+    if applied is not None:  # colour-transformed stars: measurements compare with s' + delta(colour)
+        mdata.update(colour=colour[assoc.star, m_band], colour_on=applied[assoc.star, m_band].astype(float))
 
     # reference constraints in the model's units
     if kind == "flux":
@@ -797,6 +1025,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     total = np.bincount(key[valid], weights=per_meas[valid], minlength=assoc.n_stars * n_bands)
     num = np.bincount(key[valid], minlength=assoc.n_stars * n_bands)
     mean = (total / np.maximum(num, 1)).reshape(assoc.n_stars, n_bands)
+    # colour-transformed stars are carried in the reference system (module docstring)
+    mean = mean - delta0 if kind == "magnitude" else mean * 10.0 ** (0.4 * delta0)
     default = np.where(has_ref, ref_value, 1.0 if kind == "flux" else 25.0)
     stars = PhotometricStars(value=jnp.asarray(np.where(measured, mean, default)), kind=kind)
 
@@ -812,6 +1042,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     ones = jax.tree.map(jnp.ones_like, pm_params)
     gauge = getattr(model, "fix_gauge", None)
     mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
+    hold_colour = getattr(model, "hold_colour", None)  # colour terms move only with the stars
+    stars_held_mask = mapping_mask * solver.mapping_mask(hold_colour(ones)) if hold_colour else mapping_mask
 
     state = solver.new_state(model, stars, valid.astype(float), has_ref.any(axis=1).astype(float))
     stage_seconds: dict[str, float] = {}
@@ -854,7 +1086,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     first_stage = getattr(model, "first_stage", None)
     if first_stage is not None:  # visit fields only, detectors held
         stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)))
-    stage("model", True, False, mapping_mask)
+    stage("model", True, False, stars_held_mask)
     stage("stars", False, True, mapping_mask)
     stage("all", True, True, mapping_mask)
     for _ in range(config.max_outlier_rounds):
@@ -892,7 +1124,13 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
                                    np.stack([bd_band, bd_detector], axis=1))
     fit = PhotometryFit(state.mapping, solver.real_stars(state.stars), solution, data, assoc, solver, state,
                         mapping_mask, star_mask, index, bands, ref_bands, m_band, valid, has_ref, chi2, ndof, counts,
-                        stage_seconds)
+                        stage_seconds, reference_colour=colour, colour_applied=applied)
+    if isinstance(state.mapping, WithColourTerms):
+        fit.solution = dataclasses.replace(solution, colour_slope_errors=fit.colour_slope_errors())
+        for band, t in fit.solution.colour_terms().items():
+            log.info("photometry: colour term of band %s: c1 = %.5f +- %.5f (%s), c0 = %g, c2 = %g, colour %s - %s",
+                     band, t["c1"], t["c1_err"], "fitted" if t["fitted"] else "fixed", t["c0"], t["c2"],
+                     t["primary"], t["secondary"])
     _check_field(fit)
     return fit
 

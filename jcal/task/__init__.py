@@ -60,8 +60,10 @@ clobber/doBackup: an existing file equal to the new one is left alone; a differe
 `TaskError` when clobber=False; with clobber=True it is replaced, the old one first renamed to
 ``<file>~N`` when doBackup=True. Nothing is overwritten silently.
 
-Not applied: ``colorterms`` (jcal's photometry has no colour terms; a non-empty value logs a
-warning). ``badFlags``/``isolated``/``unresolved`` act only when reading LSST tables (jcal's
+``colorterms`` maps to FitConfig.colour_terms (``{band: {primary, secondary, c0, c1, c2}}``, or an
+LSST ColortermLibrary dict with one camera entry) and jcal's ``fitColorterms`` to
+``fit_colour_terms`` (fit c1 per band); see `jcal.calibration.photometry`.
+Not applied: ``badFlags``/``isolated``/``unresolved`` act only when reading LSST tables (jcal's
 input format has no flags). ``writeChi2FilesInitialFinal`` writes the final per-measurement chi2
 only. Defaults follow jcal's FitConfig (jointcal's ``matchCut`` default is 3 arcsec, jcal's 1).
 """

@@ -177,8 +177,10 @@ class JointcalConfig(Config):
     photometryErrorPedestal = RangeField("systematic photometric error added in quadrature: a fraction of the "
                                          "flux for flux models, magnitudes for magnitude models", float,
                                          default=0.0, min=0.0)
-    colorterms = Field("colorterm library {band: {...}}; NOT applied by jcal (its photometry has no "
-                       "colorterms); a non-empty value only logs a warning", dict, default={})
+    colorterms = Field("colour terms {band: {primary, secondary, c0, c1, c2}} (refcat band names; visits in "
+                       "band see mag(primary) + c0 + c1 (primary - secondary) + c2 (...)^2), or an LSST "
+                       "ColortermLibrary as a dict {'data': {camera: {'data': {band: {...}}}}} with one camera",
+                       dict, default={})
     useLineSearch = Field("line search along each Gauss-Newton step", bool, default=_D.line_search)
     doProperMotion = ChoiceField("fit proper motions", str, default=_D.proper_motion, allowed={
         "auto": "when the visits span more than properMotionMinBaseline years", "on": "always", "off": "never"})
@@ -196,6 +198,8 @@ class JointcalConfig(Config):
                                       default=_D.tolerance, min=0.0, inclusiveMin=False)
     maxOutlierRounds = RangeField("[jcal] maximum outlier-rejection rounds", int, default=_D.max_outlier_rounds,
                                   min=0)
+    fitColorterms = Field("[jcal] fit c1 of every band in colorterms (its configured c1 is the start; c0, c2 "
+                          "stay fixed)", bool, default=_D.fit_colour_terms)
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -243,10 +247,25 @@ class JointcalConfig(Config):
                 reference_band=self.refObjLoader.anyFilterMapsToThis,
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
-                max_outlier_rounds=self.maxOutlierRounds)
+                max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
+                fit_colour_terms=self.fitColorterms)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
+
+
+def colour_terms_from_library(value: dict) -> dict:
+    """FitConfig.colour_terms from `colorterms`: either already {band: {primary, secondary, c0, c1, c2}},
+    or an LSST ColortermLibrary saved as a dict, {"data": {camera glob: {"data": {band: {...}}}}},
+    of which the one camera entry is taken (several: FieldValidationError, the camera is not known here)."""
+    if set(value) != {"data"} or not isinstance(value["data"], dict):
+        return value
+    cameras = value["data"]
+    if len(cameras) != 1:
+        raise FieldValidationError(f"config field 'colorterms': a ColortermLibrary with {len(cameras)} camera "
+                                   f"entries {sorted(cameras)}; keep the one for this data")
+    (entry,) = cameras.values()
+    return entry.get("data", entry) if isinstance(entry, dict) else entry
 
 
 # FitConfig field -> JointcalConfig (dotted) field; also accepted as override keys (README's `--set visit_order=3`).
@@ -262,7 +281,7 @@ FIELD_MAP = {
     "flux_pedestal": "photometryErrorPedestal", "magnitude_pedestal": "photometryErrorPedestal",
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
-    "max_outlier_rounds": "maxOutlierRounds",
+    "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
@@ -321,8 +340,6 @@ class JointcalTask(Task):
         from ..result import FitResult
         c = self.config
         fitConfig = c.toFitConfig()
-        if c.colorterms:
-            self.log.warning("colorterms are configured but jcal does not apply colorterms; ignored")
         sel = self.sourceSelector.run(data.sources)
         if not sel.selected.all():
             data = dataclasses.replace(data, sources=sel.sourceCat)
