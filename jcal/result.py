@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.io import fits
 
 import jcal_models as jm
 
@@ -33,7 +34,7 @@ from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
-from .io.sip import fit_tan_sip, write_wcs_fits
+from .io.sip import fit_tan_sip_many, write_wcs_fits
 from .solution import AstrometricSolution
 
 log = logging.getLogger("jcal")
@@ -75,18 +76,38 @@ class FitResult:
         jac = np.asarray(jax.jacrev(sky_mas)(fit.solver.layout.flatten(pm)))  # (n, 2, N)
         return np.einsum("aip,pq,ajq->aij", jac, fit.mapping_covariance(), jac)
 
-    def wcs_header(self, visit: int, detector: int):
-        """(FITS header, approximation RMS in mas): TAN-SIP of the fitted map over the detector."""
-        cv = self.data.ccd_visits[(int(visit), int(detector))]
-        sol = self.solution
-        order = None
+    def _sip_order(self) -> int | None:
+        """SIP order that represents the fitted model form exactly (None: choose per detector)."""
         model = self.astrometry.model
         if isinstance(model, jm.ConstrainedAstrometry):
-            order = max(2, model.chip.inner.order * model.visit.inner.order)
-        elif isinstance(model, jm.SimpleAstrometry):
-            order = max(2, model.ccd_visit.inner.order)
-        return fit_tan_sip(lambda x, y: sol.pixel_to_sky(visit, detector, x, y), cv.nx, cv.ny,
-                           crval=sol.tangent_point(visit), order=order, grid=16)
+            return max(2, model.chip.inner.order * model.visit.inner.order)
+        if isinstance(model, jm.SimpleAstrometry):
+            return max(2, model.ccd_visit.inner.order)
+        return None
+
+    def wcs_cards(self, ccd_visits=None) -> dict[tuple[int, int], tuple[list, float]]:
+        """{(visit, detector): (FITS cards, approximation RMS in mas)}: TAN-SIP of the fitted map
+        over each detector, fitted for all detector-visits of one size at once."""
+        sol = self.solution
+        keys = [tuple(k) for k in (self.association.ccd_visits.tolist() if ccd_visits is None else ccd_visits)]
+        sizes = {}
+        for visit, detector in keys:
+            cv = self.data.ccd_visits[(int(visit), int(detector))]
+            sizes.setdefault((cv.nx, cv.ny), []).append((int(visit), int(detector)))
+        out = {}
+        for (nx, ny), group in sizes.items():
+            visits, detectors = (np.array(a, np.int64) for a in zip(*group))
+            crval = np.array([sol.tangent_point(v) for v in visits.tolist()])
+            cards, rms = fit_tan_sip_many(
+                lambda item, x, y: sol.pixel_to_sky(visits[item], detectors[item], x, y), len(group), nx, ny,
+                crval=crval, order=self._sip_order(), grid=16)
+            out.update({key: (c, float(r)) for key, c, r in zip(group, cards, rms)})
+        return out
+
+    def wcs_header(self, visit: int, detector: int):
+        """(FITS header, approximation RMS in mas): TAN-SIP of the fitted map over the detector."""
+        cards, rms = self.wcs_cards([(visit, detector)])[(int(visit), int(detector))]
+        return fits.Header(cards), rms
 
     def measurement_table(self) -> dict[str, np.ndarray]:
         a, fit = self.association, self.astrometry
@@ -164,10 +185,9 @@ class FitResult:
             if self.astrometry is not None:
                 (tmp / "wcs").mkdir()
                 worst = 0.0
-                for visit, detector in self.association.ccd_visits.tolist():
-                    header, rms = self.wcs_header(visit, detector)
+                for (visit, detector), (cards, rms) in self.wcs_cards().items():
                     worst = max(worst, rms)
-                    write_wcs_fits(header, tmp / "wcs" / f"{visit}_{detector}.fits")
+                    write_wcs_fits(cards, tmp / "wcs" / f"{visit}_{detector}.fits")
                     if progress:
                         progress()
                 self.timings["wcs_approximation_worst_rms_mas"] = worst

@@ -187,3 +187,45 @@ def test_ra_wrap_and_pole(crval):
     header, rms = fit_tan_sip(lambda x, y: w.all_pix2world(x, y, 0), NX, NY, order=2)
     assert rms < 1e-5
     assert 0.0 <= header["CRVAL1"] < 360.0
+
+
+@pytest.mark.filterwarnings("ignore:The WCS transformation has more axes")  # header-only file: NAXIS = 0
+def test_many_detectors_at_once_match_one_at_a_time(tmp_path):
+    """The batched fit (one call for every detector-visit of a size) gives each item the WCS a
+    single fit gives it, and the written files read back in astropy with the recorded errors."""
+    from jcal.io.sip import fit_tan_sip_many
+
+    wcss = [tan_wcs(crval=(210.0 + 0.3 * k, 54.0 - 0.2 * k)) for k in range(3)] + [sip_wcs()]
+
+    def sky_of_items(item, x, y):
+        ra, dec = np.empty(x.size), np.empty(x.size)
+        for k, w in enumerate(wcss):
+            on = item == k
+            ra[on], dec[on] = w.all_pix2world(x[on], y[on], 0)
+        return ra, dec
+
+    cards, rms = fit_tan_sip_many(sky_of_items, len(wcss), NX, NY, order=3, grid=20)
+    xc, yc = check_grid(20)
+    for k, w in enumerate(wcss):
+        single, single_rms = fit_tan_sip(lambda x, y: w.all_pix2world(x, y, 0), NX, NY, order=3, grid=20)
+        header = fits.Header(cards[k])
+        assert header["JCAL_RMS"] == rms[k] == pytest.approx(single_rms, rel=1e-6, abs=1e-9)
+        for key in ("CRVAL1", "CRVAL2", "CD1_1", "CD2_1", "A_2_0", "B_1_1", "AP_0_3"):
+            assert header[key] == pytest.approx(single[key], rel=1e-9, abs=1e-18)
+        path = tmp_path / f"{k}.fits"
+        write_wcs_fits(cards[k], path)
+        read = fits.getheader(path)
+        err = separation_mas(*WCS(read).all_pix2world(xc, yc, 0), *w.all_pix2world(xc, yc, 0))
+        assert read["JCAL_RMS"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-4, abs=1e-7)
+        assert read["JCAL_MAX"] == pytest.approx(err.max(), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.0, 3.0e-12, -1.2345678901234567e-05, 123456789.123456789, 1e300,
+                                   -2.5e-300, 0.1 + 0.2])
+def test_fits_reals_read_back_within_written_precision(value):
+    from jcal.io.sip import _card
+
+    card = _card("X", value, "comment")
+    assert len(card) == 80
+    read = fits.Card.fromstring(card).value
+    assert read == pytest.approx(value, rel=1e-13, abs=0.0)
