@@ -352,6 +352,22 @@ def test_simple_models_recover_truth(tiny_r, form):
     assert isinstance(fit.model, SimpleFlux if form == "simple_flux" else SimpleMagnitude)
 
 
+@pytest.mark.parametrize("form", ["simple_flux", "constrained_flux"])
+def test_flux_models_end_at_the_minimum_unless_asked_for_jointcals_fixed_point(tiny_r, form):
+    """flux_errors="minimum" (default) leaves the absolute level unbiased; jointcal's fixed point
+    (errors held during each solve) sits measurably low, as jointcal's does."""
+    sim, assoc = tiny_r
+    offsets = {}
+    for convention in ("minimum", "jointcal"):
+        fit = fit_photometry(sim.data, assoc, FLUX3.replace(photometry_model=form, flux_errors=convention))
+        _, offsets[convention] = _calibration_error_mmag(fit, sim, assoc)
+        assert 0.8 < fit.chi2 / fit.ndof < 1.3
+    print(f"\n{form}, tiny/r x 8 visits: absolute level vs truth {offsets['minimum']:.2f} mmag at the minimum, "
+          f"{offsets['jointcal']:.2f} mmag at jointcal's fixed point")
+    assert abs(offsets["minimum"]) < 1.5
+    assert offsets["jointcal"] < offsets["minimum"] - 2.0
+
+
 def test_magnitude_model_drops_nonpositive_fluxes(tiny_r, caplog):
     sim, assoc = tiny_r
     src = sim.data.sources
@@ -402,7 +418,7 @@ def cfht():
 def test_cfht_minimal_matches_jointcal(cfht, form, chi2):
     """jointcal's test_jointcal_cfht_minimal: 3 measurements, 2 reference stars, ndof 1."""
     data, assoc, config = cfht
-    fit = fit_photometry(data, assoc, config.replace(photometry_model=form))
+    fit = fit_photometry(data, assoc, config.replace(photometry_model=form, flux_errors="jointcal"))
     m = fit.metrics()
     print(f"\ncfht_minimal {form}: chi2 {fit.chi2:.7f} (jointcal {chi2}), ndof {fit.ndof}")
     assert fit.chi2 == pytest.approx(chi2, rel=5e-6)

@@ -15,21 +15,23 @@ Residual of measurement i (star s, band b, pixel (x, y) of detector-visit k):
                     sigma_i = sqrt((1.0857 * err_i / instFlux_i)^2 + magnitude_pedestal^2);
 - err_i = sqrt(instFluxErr_i^2 + (flux_pedestal * instFlux_i)^2) for both.
 
-The error of a flux model moves with the calibration. jointcal holds it FIXED during each
-linear solve (its Jacobian ignores the error's derivative) and so converges to a fixed point,
-not to the minimum of chi2. jcal's final answer is that same fixed point: after the outlier
-rounds the error's calibration is frozen (`c_fixed`), an "all" stage is solved with it held,
-and freeze-and-solve repeats until chi2 no longer changes (to `config.tolerance`); on
-cfht_minimal this reproduces jointcal's chi2 to 7 digits. The EARLY stages and the outlier
-rounds, however, use the error with its derivative (the true chi2: sigma = |c| err evaluated
-live). Reason: with the error held, shrinking every calibration and star flux by a factor
-a < 1 lowers the measurement chi2 by a^2, which only the reference fluxes resist; before
-gross outliers (mis-associations, chi2 ~ 1e5 each) are rejected this pulls the whole solution
-down by > 10 %, the reference fluxes then look like outliers and the fit collapses. The live
-error has no such pull. At the fixed point the pull remains but is small: the absolute
-level sits low by ~ chi2_measurements / sum_refs (F_ref / sigma_ref)^2 (0.1-0.2 % on the
-simulations) - a property of jointcal's convention that leaves the relative calibration
-alone. Magnitude errors do not depend on the model.
+The error of a flux model moves with the calibration. By default (`config.flux_errors =
+"minimum"`) the fit minimises chi2 with the error evaluated live (sigma = |c| err, its
+derivative in the Jacobian): the minimum of chi2, and an unbiased absolute level.
+jointcal instead holds the error FIXED during each linear solve (its Jacobian ignores the
+error's derivative) and so converges to a fixed point, not to the minimum of chi2; with
+`flux_errors = "jointcal"` (the Task facade's default) jcal ends at that same fixed point: after
+the outlier rounds the error's calibration is frozen (`c_fixed`), an "all" stage is solved with
+it held, and freeze-and-solve repeats until chi2 no longer changes (to `config.tolerance`); on
+cfht_minimal this reproduces jointcal's chi2 to 7 digits. The early stages and the outlier
+rounds use the live error in both conventions. Reason: with the error held, shrinking every
+calibration and star flux by a factor a < 1 lowers the measurement chi2 by a^2, which only the
+reference fluxes resist; before gross outliers (mis-associations, chi2 ~ 1e5 each) are rejected
+this pulls the whole solution down by > 10 %, the reference fluxes then look like outliers and
+the fit collapses. The live error has no such pull. At jointcal's fixed point the pull remains
+but is small: the absolute level sits low by ~ chi2_measurements / sum_refs (F_ref /
+sigma_ref)^2 (0.1-0.5 % on the simulations) - a property of jointcal's convention that leaves
+the relative calibration alone. Magnitude errors do not depend on the model.
 
 Measurements with instFlux <= 0 cannot enter a magnitude model: they get weight 0 (logged,
 counted in the metrics, never reported as outliers).
@@ -1102,7 +1104,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
             log.warning("photometry: outlier rejection still finding outliers after %d rounds",
                         config.max_outlier_rounds)
             state.converged = False
-    if kind == "flux":  # jointcal's convention: errors held during each solve, refreshed until nothing moves
+    if kind == "flux" and config.flux_errors == "jointcal":  # errors held per solve, refreshed until nothing moves
         refresh_errors(live=False)
         for _ in range(MAX_ERROR_REFRESHES):
             refresh_errors()

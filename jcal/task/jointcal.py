@@ -200,6 +200,10 @@ class JointcalConfig(Config):
                                   min=0)
     fitColorterms = Field("[jcal] fit c1 of every band in colorterms (its configured c1 is the start; c0, c2 "
                           "stay fixed)", bool, default=_D.fit_colour_terms)
+    fluxErrors = ChoiceField("[jcal] flux models: 'jointcal' ends at jointcal's fixed point (errors held per "
+                             "solve), 'minimum' at the minimum of chi2 (unbiased absolute level)", str,
+                             default="jointcal", allowed={"jointcal": "jointcal's fixed point",
+                                                          "minimum": "the minimum of chi2"})
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -248,7 +252,7 @@ class JointcalConfig(Config):
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
-                fit_colour_terms=self.fitColorterms)
+                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -282,6 +286,7 @@ FIELD_MAP = {
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
+    "flux_errors": "fluxErrors",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
