@@ -242,20 +242,17 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     state = stage("mappings", True, False, mapping_mask, True)
     state = stage("stars", False, True, mapping_mask)
     state = stage("all", True, True, mapping_mask)
-    for _ in range(config.max_outlier_rounds):
-        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, star_mask,
-                                               config.min_measurements)
-        state.n_outliers += n_meas
-        state.n_reference_outliers += n_ref
-        log.info("astrometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
-        if n_meas + n_ref == 0:
-            break
-        state = stage("all", True, True, mapping_mask)
-    else:
-        if config.max_outlier_rounds:
-            log.warning("astrometry: outlier rejection still finding outliers after %d rounds",
-                        config.max_outlier_rounds)
-            state.converged = False
+
+    def refit(current: FitState, name: str, fit_mapping: bool) -> FitState:
+        nonlocal state
+        state = current
+        state = stage(name, fit_mapping, True, mapping_mask)
+        return state
+
+    state = solver.reject_until_clean(
+        state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False),
+        lambda st: star_mask, n_sigma=config.outlier_sigma, min_measurements=config.min_measurements,
+        max_rounds=config.max_outlier_rounds, label="astrometry")
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start

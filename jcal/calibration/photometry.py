@@ -1091,19 +1091,16 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     stage("model", True, False, stars_held_mask)
     stage("stars", False, True, mapping_mask)
     stage("all", True, True, mapping_mask)
-    for _ in range(config.max_outlier_rounds):
-        n_meas, n_ref = solver.reject_outliers(state, config.outlier_sigma, star_mask_now())
-        state.n_outliers += n_meas
-        state.n_reference_outliers += n_ref
-        log.info("photometry: rejected %d measurement and %d reference outliers", n_meas, n_ref)
-        if n_meas + n_ref == 0:
-            break
-        stage("all", True, True, mapping_mask)
-    else:
-        if config.max_outlier_rounds:
-            log.warning("photometry: outlier rejection still finding outliers after %d rounds",
-                        config.max_outlier_rounds)
-            state.converged = False
+
+    def refit(current: FitState, name: str, fit_mapping: bool) -> FitState:
+        nonlocal state
+        state = current
+        stage(name, fit_mapping, True, mapping_mask)
+        return state
+
+    state = solver.reject_until_clean(
+        state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False), lambda st: star_mask_now(),
+        n_sigma=config.outlier_sigma, min_measurements=2, max_rounds=config.max_outlier_rounds, label="photometry")
     if kind == "flux" and config.flux_errors == "jointcal":  # errors held per solve, refreshed until nothing moves
         refresh_errors(live=False)
         for _ in range(MAX_ERROR_REFRESHES):

@@ -34,6 +34,9 @@ from .normal_equations import (System, TileSet, chi2_terms, gauss_newton_step, i
 log = logging.getLogger("jcal.solver")
 
 
+STARS_ONLY_BELOW = 1e-3  # outlier rounds rejecting fewer than this fraction of the terms refit only the stars
+
+
 class FitError(RuntimeError):
     """The fit cannot go on (non-finite chi2, singular system, exploding chi2)."""
 
@@ -59,7 +62,7 @@ class StructuredProblem:
     prior_dof: np.ndarray | None = None  # (S,) number of active prior components per star
     prior_rejectable: np.ndarray | None = None  # (S,) bool: prior is data (a catalog), may be an outlier
     mapping_filter: Any = None  # bool pytree: fitted leaves (default: parameter_filter)
-    stars_per_tile: int = 128
+    stars_per_tile: int = 64  # measured (benchmarks, medium/large): 1.3x faster steps than 128, as fast as 32
 
 
 @dataclass
@@ -78,7 +81,7 @@ _step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4), static_argnam
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
 _deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
-_linearise = jax.jit(linearise, static_argnums=(0, 1))
+_linearise = jax.jit(linearise, static_argnums=(0, 1), static_argnames=("mapping_jacobian",))
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
 
@@ -376,6 +379,36 @@ class Solver:
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())
 
+    def reject_until_clean(self, state: FitState, refit_all: Callable[[FitState], FitState],
+                           refit_stars: Callable[[FitState], FitState], star_mask: Callable[[FitState], Any], *,
+                           n_sigma: float, min_measurements: int, max_rounds: int, label: str) -> FitState:
+        """Outlier rounds (`reject_outliers`) with refits, until a full refit leaves nothing to reject.
+
+        After a round that rejects many terms (gross outliers bias the mapping) everything is
+        refitted. After a round that rejects few (below `STARS_ONLY_BELOW` of the terms in use)
+        only the stars are: a few terms among the thousands behind each mapping group barely move
+        it, while their stars move fully; a stars-only step costs a fraction of a full one. Once a
+        round finds nothing after a stars-only refit, everything is refitted and scored again, so
+        the result is the joint optimum for its final outlier set, as with full refits only.
+        `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
+        star-parameter mask of `reject_outliers`.
+        """
+        fully_refit = True
+        for _ in range(max_rounds):
+            n_meas, n_ref = self.reject_outliers(state, n_sigma, star_mask(state), min_measurements)
+            state.n_outliers += n_meas
+            state.n_reference_outliers += n_ref
+            log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
+            if n_meas + n_ref == 0 and fully_refit:
+                return state
+            in_use = float(np.sum(state.weights) + np.sum(state.star_weights))
+            fully_refit = n_meas + n_ref == 0 or n_meas + n_ref > STARS_ONLY_BELOW * in_use
+            state = refit_all(state) if fully_refit else refit_stars(state)
+        if max_rounds:
+            log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)
+            state.converged = False
+        return state
+
     def covariance(self, state: FitState, mapping_mask, star_mask) -> np.ndarray:
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         smask = self._effective_star_mask(state, star_mask)
@@ -391,7 +424,7 @@ class Solver:
         smask = self._effective_star_mask(state, star_mask)
         lin = _linearise(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
                          self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
-                         jnp.zeros(self.layout.size), smask)
+                         jnp.zeros(self.layout.size), smask, mapping_jacobian=False)
         cov = np.asarray(small_linalg.spd_inverse(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
         return cov[: self.stars_real]
 

@@ -75,10 +75,12 @@ def _star_view(tree, s):
     return jax.tree.map(lambda a: a[s], tree)
 
 
-def measurement_terms(residual_fn: Callable, mapping, stars, data, index, with_jacobian: bool = True):
+def measurement_terms(residual_fn: Callable, mapping, stars, data, index, with_jacobian: bool = True,
+                      mapping_jacobian: bool = True):
     """Per-measurement residuals (n, d) and, optionally, Jacobian blocks (n, d, P) and (n, d, q).
 
-    `mapping` and `stars` are (params, static) pairs from `eqx.partition`.
+    `mapping` and `stars` are (params, static) pairs from `eqx.partition`. Without
+    `mapping_jacobian` only the star blocks are differentiated (the mapping block is None).
     """
     (pm, sm), (ps, ss) = mapping, stars
 
@@ -92,6 +94,8 @@ def measurement_terms(residual_fn: Callable, mapping, stars, data, index, with_j
         r = f(pm_view, ps_view)
         if not with_jacobian:
             return r
+        if not mapping_jacobian:
+            return r, None, _flat_rows(jax.jacrev(f, argnums=1)(pm_view, ps_view), r.shape[0])
         jm, js = jax.jacrev(f, argnums=(0, 1))(pm_view, ps_view)
         return r, _flat_rows(jm, r.shape[0]), _flat_rows(js, r.shape[0])
 
@@ -196,7 +200,7 @@ def _star_cholesky(h_ss: jax.Array) -> jax.Array:
 
 class Linearised(NamedTuple):
     r: jax.Array  # (n, d) weighted residuals
-    jm: jax.Array  # (n, d, P) weighted, masked mapping Jacobian blocks
+    jm: jax.Array | None  # (n, d, P) weighted, masked mapping Jacobian blocks (None: not needed)
     js: jax.Array  # (n, d, q) weighted, masked star Jacobian blocks
     chi2: jax.Array
     h_ss: jax.Array  # (S, q, q) star blocks, fixed parameters given identity rows
@@ -204,15 +208,18 @@ class Linearised(NamedTuple):
 
 
 def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
-              weights, star_weights, mapping_mask, star_mask) -> Linearised:
-    """Residuals, Jacobian blocks and the block-diagonal star part of the normal equations."""
+              weights, star_weights, mapping_mask, star_mask, mapping_jacobian: bool = True) -> Linearised:
+    """Residuals, Jacobian blocks and the block-diagonal star part of the normal equations
+    (without `mapping_jacobian`, for what depends on the stars alone: `jm` is None)."""
     star = system.index["star"]
     n_stars = star_weights.shape[0]
-    r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index)
+    r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index,
+                                  mapping_jacobian=mapping_jacobian)
     sw = jnp.sqrt(weights)[:, None]
     r = r * sw
     chi2 = jnp.sum(r**2)
-    jm = jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :]
+    if mapping_jacobian:
+        jm = jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :]
     js = js * sw[:, :, None] * star_mask[star][:, None, :]
     h_ss = jax.ops.segment_sum(jnp.einsum("nda,ndb->nab", js, js), star, n_stars)
     b_s = -jax.ops.segment_sum(jnp.einsum("nda,nd->na", js, r), star, n_stars)
@@ -355,7 +362,7 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
     Returns ((n,) measurement, (S,) prior) contributions; rejected terms get 0.
     """
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask)
+                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=False)
     h_inv = small.spd_inverse(lin.h_ss)
     star = system.index["star"]
 
