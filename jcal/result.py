@@ -97,7 +97,7 @@ class FitResult:
         out = {}
         for (nx, ny), group in sizes.items():
             visits, detectors = (np.array(a, np.int64) for a in zip(*group))
-            crval = np.array([sol.tangent_point(v) for v in visits.tolist()])
+            crval = sol.tangent_points(visits)
             cards, rms = fit_tan_sip_many(
                 lambda item, x, y: sol.pixel_to_sky(visits[item], detectors[item], x, y), len(group), nx, ny,
                 crval=crval, order=self._sip_order(), grid=16)
@@ -122,7 +122,7 @@ class FitResult:
             ra, dec = self.solution.pixel_to_sky(cols["visit"], cols["detector"], cols["x"], cols["y"])
             epoch = np.asarray(fit.solver.data["epoch"])[: len(a.star)]
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
-            xi, eta = (np.asarray(v) for v in jm.sky_to_tangent(ra, dec, sra, sdec))
+            xi, eta = (np.asarray(v) for v in _sky_to_tangent(ra, dec, sra, sdec))
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
                         chi2=fit.chi2_per_measurement(), outlier=fit.weights == 0)
         if self.photometry is not None:
@@ -202,10 +202,14 @@ class FitResult:
         return Path(out_dir)
 
 
+@jax.jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)
 def _star_positions(stars: jm.Stars, rows, epoch):
     view = jm.Stars(stars.offset[rows], None if stars.pm is None else stars.pm[rows], stars.ra0[rows],
                     stars.dec0[rows], stars.epoch0[rows])
     return jax.vmap(lambda s, t: s.position(t))(view, jnp.asarray(epoch))
+
+
+_sky_to_tangent = jax.jit(jm.sky_to_tangent)
 
 
 def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:

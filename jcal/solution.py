@@ -76,9 +76,14 @@ class AstrometricSolution:
         return np.asarray(ra).reshape(x.shape), np.asarray(dec).reshape(x.shape)
 
     def tangent_point(self, visit: int) -> tuple[float, float]:
-        vi = int(np.searchsorted(self.visits, visit))
+        ra0, dec0 = self.tangent_points(np.array([visit]))[0]
+        return float(ra0), float(dec0)
+
+    def tangent_points(self, visits: np.ndarray) -> np.ndarray:
+        """(n, 2) tangent point (ra, dec) [deg] of each visit's projection."""
+        vi = np.searchsorted(self.visits, np.asarray(visits))
         sky = self.model.sky.inner
-        return float(sky.ra0[vi]), float(sky.dec0[vi])
+        return np.stack([np.asarray(sky.ra0)[vi], np.asarray(sky.dec0)[vi]], axis=1)
 
     def save(self, path: str | Path) -> None:
         """Write `<path>.json` and `<path>.eqx`."""

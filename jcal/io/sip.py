@@ -129,9 +129,11 @@ def _fit_each(u: np.ndarray, v: np.ndarray, targets: np.ndarray, terms, su: floa
 def _format_float(value: float) -> str:
     """A FITS fixed-format real of at most 20 characters, as precise as that allows."""
     value = float(value)
+    text = repr(value).upper()
+    if len(text) <= 20 and "." in text and "N" not in text:  # the common case, already valid
+        return text
     if not np.isfinite(value):
         raise ValueError(f"a FITS header value must be finite, got {value}")
-    text = repr(value).upper()
     mantissa, _, exponent = text.partition("E")
     if "." not in mantissa:
         text = mantissa + ".0" + ("E" + exponent if exponent else "")
@@ -236,7 +238,16 @@ class _TanSip:
             return np.zeros(self.cd.shape[0])
         u, v = x + 1.0 - self.crpix[0], y + 1.0 - self.crpix[1]
         foc = self.focal(u, v)  # what the linear inverse of the sky position gives
-        back = foc + np.einsum("bnk,bkt->bnt", _monomials(foc[..., 0], foc[..., 1], self.inv_terms), self.inv)
+        back = foc.copy()
+        top = self.order + 1
+        up, vp = [np.ones_like(foc[..., 0])], [np.ones_like(foc[..., 1])]
+        for _ in range(top):
+            up.append(up[-1] * foc[..., 0])
+            vp.append(vp[-1] * foc[..., 1])
+        for t, (p, q) in enumerate(self.inv_terms):  # term by term: no (K, n, terms) temporary
+            term = up[p] * vp[q]
+            back[..., 0] += self.inv[:, t, 0, None] * term
+            back[..., 1] += self.inv[:, t, 1, None] * term
         return np.max(np.hypot(back[..., 0] - u, back[..., 1] - v), axis=1)
 
     def cards(self, k: int, nx: int, ny: int) -> list[Card]:

@@ -22,14 +22,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from scipy import special, stats
 
 from jcal_models import parameter_filter
 
-from . import small_linalg
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
 from .normal_equations import (System, TileSet, chi2_terms, gauss_newton_step, implicit_cotangents, leave_one_out_chi2,
-                               linearise, measurement_terms, reduced_covariance)
+                               measurement_terms)
 
 log = logging.getLogger("jcal.solver")
 
@@ -77,11 +77,9 @@ class FitState:
     n_reference_outliers: int = 0
 
 
-_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=('return_matrix',))
+_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
-_covariance = jax.jit(reduced_covariance, static_argnums=(0, 1, 2))
 _deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
-_linearise = jax.jit(linearise, static_argnums=(0, 1), static_argnames=("mapping_jacobian",))
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
 
@@ -224,9 +222,7 @@ class Solver:
             (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
             # Levenberg damping only when the undamped reduced system is numerically singular
             for damping in (0.0, 1e-10, 1e-8, 1e-6):
-                step = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping,
-                             fit_stars, (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights,
-                             star_weights, mmask, smask, damping)
+                step = self._step(state, fit_mapping, fit_stars, weights, star_weights, mmask, smask, damping)
                 chi2_old = float(step.chi2)
                 if not math.isfinite(chi2_old):
                     raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
@@ -234,10 +230,7 @@ class Solver:
                 if bool(step.cholesky_ok) and np.all(np.isfinite(np.asarray(step.delta_mapping))):
                     break
                 if damping == 0.0:  # structurally degenerate (null space) or merely ill-conditioned?
-                    full = _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping,
-                                 fit_stars, (pm, sm), (ps, ss), self.data, self.star_data, self.system, weights,
-                                 star_weights, mmask, smask, 0.0, return_matrix=True)
-                    error = self._singular(name, full, mmask)
+                    error = self._singular(name, step, mmask)
                     if error.parameters:
                         raise error
             else:
@@ -272,6 +265,13 @@ class Solver:
             log.warning("stage %s: not converged after %d iterations", name, max_iterations)
             state.converged = False
         return state
+
+    def _step(self, state: FitState, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
+              damping: float = 0.0):
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        return _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
+                     (pm, sm), (ps, ss), self.data, self.star_data, self.system, jnp.asarray(weights),
+                     jnp.asarray(star_weights), mmask, smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float) -> FitState:
         new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm) \
@@ -344,11 +344,8 @@ class Solver:
         star goes per round (terms of one star interact through it; stars do not), and a star
         left with fewer than `min_measurements` loses the rest too.
         """
-        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        d_m, d_s = (np.asarray(a) for a in _deleted_chi2(
-            self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data, self.star_data,
-            self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
-            jnp.zeros(self.layout.size), self._effective_star_mask(state, star_mask)))
+        d_m, d_s, _ = self._leave_one_out(state, self._effective_star_mask(state, star_mask))
+        d_m, d_s = np.asarray(d_m), np.asarray(d_s)
         tail = special.erfc(n_sigma / np.sqrt(2.0))
         star = np.asarray(self.problem.index["star"])
         used = state.weights > 0
@@ -410,23 +407,30 @@ class Solver:
         return state
 
     def covariance(self, state: FitState, mapping_mask, star_mask) -> np.ndarray:
-        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        smask = self._effective_star_mask(state, star_mask)
-        return np.asarray(_covariance(self.problem.residual_fn, self.problem.prior_fn, self.layout, (pm, sm),
-                                      (ps, ss), self.data, self.star_data, self.system,
-                                      jnp.asarray(state.weights), jnp.asarray(state.star_weights),
-                                      mapping_mask, smask))
+        """(N, N) covariance of the mapping parameters marginalised over the stars: the inverse
+        of the reduced normal matrix of a full step (fixed parameters: zero rows and columns)."""
+        step = self._step(state, True, True, state.weights, state.star_weights, jnp.asarray(mapping_mask),
+                          self._effective_star_mask(state, star_mask))
+        diag = np.asarray(step.reduced_diagonal)
+        d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
+        factor = scipy.linalg.cho_factor(np.asarray(step.scaled_matrix), lower=True)
+        cov = d[:, None] * scipy.linalg.cho_solve(factor, np.diag(d))
+        free = np.asarray(mapping_mask) > 0
+        return np.where(free[:, None] & free[None, :], cov, 0.0)
 
     def star_covariance(self, state: FitState, star_mask) -> np.ndarray:
         """(S, q, q) covariance of each star's parameters with the mapping held at its fit
         (the conditional covariance; the mapping adds a little, see `covariance`)."""
-        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         smask = self._effective_star_mask(state, star_mask)
-        lin = _linearise(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
-                         self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
-                         jnp.zeros(self.layout.size), smask, mapping_jacobian=False)
-        cov = np.asarray(small_linalg.spd_inverse(lin.h_ss)) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
+        _, _, h_inv = self._leave_one_out(state, smask)
+        cov = np.asarray(h_inv) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
         return cov[: self.stars_real]
+
+    def _leave_one_out(self, state: FitState, smask):
+        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+        return _deleted_chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
+                             self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
+                             jnp.zeros(self.layout.size), smask)
 
 
 def _pad_rows(a: np.ndarray, size: int, fill=None) -> np.ndarray:

@@ -62,7 +62,7 @@ class Step(NamedTuple):
     reduced_diagonal: jax.Array  # (N,) diagonal of the reduced system (to name degeneracies)
     cholesky_ok: jax.Array  # bool
     predicted_decrease: jax.Array = 0.0  # chi2 decrease of the full step if the model were linear
-    scaled_matrix: jax.Array | None = None  # Jacobi-scaled reduced matrix, when asked for
+    scaled_matrix: jax.Array | None = None  # Jacobi-scaled reduced matrix (None: mapping not fitted)
 
 
 def _flat_rows(tree, d: int) -> jax.Array:
@@ -245,14 +245,15 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
                       fit_mapping: bool, fit_stars: bool,
                       mapping, stars, data, star_data, system: System,
                       weights: jax.Array, star_weights: jax.Array,
-                      mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0,
-                      return_matrix: bool = False) -> Step:
+                      mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0) -> Step:
     """Solve the normal equations for one Gauss-Newton step (minimising 0.5 |r|^2).
 
     weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
     change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
     parameters and 0 for fixed ones (gauge, fitting stage). `damping` adds a multiple of the
     identity to the Jacobi-scaled reduced system (Levenberg), for near-singular systems only.
+    The step also returns that scaled reduced matrix (undamped): it names degeneracies and gives
+    the mapping covariance without compiling a second program.
     """
     star = system.index["star"]
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
@@ -272,7 +273,7 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
     dm, ds = dm * mapping_mask, ds * star_mask
     # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
     predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled if return_matrix else None)
+    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled)
 
 
 def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, c, gs, b_m, b_s, mapping_mask,
@@ -335,22 +336,6 @@ def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping,
     return data_bar, star_data_bar
 
 
-def reduced_covariance(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
-                       system: System, weights, star_weights, mapping_mask, star_mask) -> jax.Array:
-    """(N, N) covariance of the mapping parameters marginalised over the stars: H_reduced^-1.
-
-    Fixed parameters get zero rows and columns.
-    """
-    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask)
-    _, gs = _fill_factors(lin, _star_cholesky(lin.h_ss), system.index["star"])
-    h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
-    free = (mapping_mask > 0)[:, None] & (mapping_mask > 0)[None, :]
-    d = 1.0 / jnp.sqrt(jnp.diagonal(h))
-    factor = jnp.linalg.cholesky(h * d[:, None] * d[None, :])
-    return jnp.where(free, d[:, None] * cho_solve((factor, True), jnp.diag(d)), 0.0)
-
-
 def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
                        weights, star_weights, mapping_mask, star_mask):
     """Chi2 of each term had its star been fitted without it: r^T (I - J_s H_ss^-1 J_s^T)^-1 r.
@@ -359,7 +344,8 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
     towards it, and the good measurements take the blame); this "deleted" chi2 does not.
     The mapping's leverage is negligible (thousands of measurements per group) and ignored.
     Terms with leverage ~1 (nothing else constrains their star) get chi2 0: untestable.
-    Returns ((n,) measurement, (S,) prior) contributions; rejected terms get 0.
+    Returns ((n,) measurement, (S,) prior) contributions (rejected terms get 0) and H_ss^-1
+    (S, q, q), the stars' covariance with the mapping held.
     """
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask, mapping_jacobian=False)
@@ -375,8 +361,8 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
 
     chi2_m = jax.vmap(deleted)(lin.r, lin.js, h_inv[star])
     if prior_fn is None:
-        return chi2_m, jnp.zeros(star_weights.shape)
+        return chi2_m, jnp.zeros(star_weights.shape), h_inv
     rp, jp = star_terms(prior_fn, stars, star_data)
     spw = jnp.sqrt(star_weights)[:, None]
     chi2_s = jax.vmap(deleted)(rp * spw, jp * spw[:, :, None] * star_mask[:, None, :], h_inv)
-    return chi2_m, chi2_s
+    return chi2_m, chi2_s, h_inv
