@@ -203,7 +203,12 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     state = solver.new_state(model, stars, np.ones(solver.n_real), np.maximum(has_ref, proper_motion).astype(float))
     stage_seconds: dict[str, float] = {}
 
+    whitened_for = [None]  # the mapping the current whitening was computed with
+
     def refresh_errors():
+        if state.mapping is whitened_for[0]:  # e.g. stars-only stages: the mapping has not moved
+            return
+        whitened_for[0] = state.mapping
         ped = config.astrometry_pedestal_mas * MAS
         idx = {k: jnp.asarray(v) for k, v in index.items() if k != "star"}
         w = _whitening(state.mapping, idx, jnp.asarray(mdata["x"]), jnp.asarray(mdata["y"]),

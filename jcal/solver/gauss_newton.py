@@ -239,7 +239,7 @@ class Solver:
                 log.warning("stage %s: near-singular normal equations, damped by %g", name, damping)
             alpha, chi2_new, trial = 1.0, math.inf, state
             for _ in range(12 if line_search else 1):
-                trial = self._apply(state, pm, ps, step, alpha)
+                trial = self._apply(state, pm, ps, step, alpha, fit_mapping)
                 c_m, c_s = self._chi2(trial)
                 chi2_new = float(c_m.sum() + c_s.sum())
                 if chi2_new <= chi2_old * (1 + 1e-12) or not line_search:
@@ -273,11 +273,14 @@ class Solver:
                      (pm, sm), (ps, ss), self.data, self.star_data, self.system, jnp.asarray(weights),
                      jnp.asarray(star_weights), mmask, smask, damping)
 
-    def _apply(self, state: FitState, pm, ps, step, alpha: float) -> FitState:
-        new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm) \
-            if self.layout.size else pm
+    def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
+        """The state moved by alpha times the step (the mapping object kept when it does not move)."""
         new_ps = unflatten_stars(flatten_stars(ps) + alpha * step.delta_stars, ps)
-        mapping = eqx.combine(new_pm, eqx.filter(state.mapping, self.mapping_filter, inverse=True))
+        if move_mapping and self.layout.size:
+            new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm)
+            mapping = eqx.combine(new_pm, eqx.filter(state.mapping, self.mapping_filter, inverse=True))
+        else:
+            mapping = state.mapping
         stars = eqx.combine(new_ps, eqx.filter(state.stars, self.star_filter, inverse=True))
         return FitState(mapping, stars, state.weights, state.star_weights, state.history, state.converged,
                         state.n_outliers, state.n_reference_outliers)

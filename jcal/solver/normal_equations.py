@@ -256,11 +256,11 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
     the mapping covariance without compiling a second program.
     """
     star = system.index["star"]
+    n_map = layout.size
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask)
+                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=fit_mapping and n_map > 0)
     l_s = _star_cholesky(lin.h_ss)
 
-    n_map = layout.size
     if not fit_mapping or n_map == 0:
         ds = small.cho_solve(l_s, lin.b_s) * star_mask  # stars alone: H_ss^-1 b_s
         return Step(jnp.zeros(n_map), ds, lin.chi2, jnp.zeros(n_map), jnp.all(jnp.isfinite(ds)),
