@@ -269,19 +269,50 @@ def _read_camera(root: Path) -> Camera | None:
         raise InputError(f"{tf.path}: {exc}") from exc
 
 
+_SIZE_KEYS = ("NAXIS1", "NAXIS2", "IMAGEW", "IMAGEH")
+
+
+def _primary_header_text(path: Path) -> str | None:
+    """The primary header of a FITS file as text, if it holds a WCS (CTYPE1); else None.
+
+    Header-only WCS files (what jcal and most pipelines write) are read this way: astropy's
+    WCS parses the text directly, ~1.5x faster than through `fits.open` (thousands of files)."""
+    with open(path, "rb") as f:
+        head = f.read(2880)
+        if not head.startswith(b"SIMPLE  ="):
+            return None
+        blocks = [head]
+        while not any(head[i:i + 8] == b"END     " for i in range(0, len(head), 80)):
+            head = f.read(2880)
+            if len(head) < 2880:
+                return None
+            blocks.append(head)
+    text = b"".join(blocks).decode("ascii", errors="replace")
+    cards = [text[i:i + 80] for i in range(0, len(text), 80)]
+    end = next(i for i, c in enumerate(cards) if c.startswith("END     "))
+    if not any(c.startswith("CTYPE1  =") for c in cards[:end]):
+        return None
+    return "".join(cards[: end + 1])
+
+
 def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int) -> tuple[WCS, int, int]:
     """Celestial WCS and detector size (nx, ny) from one FITS file."""
     try:
-        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
-            headers = [h.header for h in hdus]
+        text = _primary_header_text(path)
+        if text is not None:
+            header = {c[:8].strip(): fits.Card.fromstring(c).value for c in
+                      (text[i:i + 80] for i in range(0, len(text), 80)) if c[:8].strip() in _SIZE_KEYS}
+        else:
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
+                headers = [h.header for h in hdus]
+            # The WCS lives in the primary header, or in the first extension for image files.
+            header = next((h for h in headers if "CTYPE1" in h), headers[0])
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: cannot be read as FITS: {exc}") from exc
-    # The WCS lives in the primary header, or in the first extension for image files.
-    header = next((h for h in headers if "CTYPE1" in h), headers[0])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, relax=True)
+            wcs = WCS(header if text is None else text, relax=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: not a valid FITS WCS: {exc}") from exc
     if not wcs.has_celestial:
