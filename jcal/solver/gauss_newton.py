@@ -270,7 +270,8 @@ class Solver:
               damping: float = 0.0):
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         return _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
-                     (pm, sm), (ps, ss), self.data, self.star_data, self.system, jnp.asarray(weights),
+                     (pm, sm), (ps, ss), self.data, self.star_data, self._system_for(fit_mapping, fit_stars),
+                     jnp.asarray(weights),
                      jnp.asarray(star_weights), mmask, smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
@@ -432,8 +433,20 @@ class Solver:
     def _leave_one_out(self, state: FitState, smask):
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         return _deleted_chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
-                             self.star_data, self.system, jnp.asarray(state.weights), jnp.asarray(state.star_weights),
-                             jnp.zeros(self.layout.size), smask)
+                             self.star_data, self._system_for(False, True), jnp.asarray(state.weights),
+                             jnp.asarray(state.star_weights), jnp.zeros(self.layout.size), smask)
+
+    def _system_for(self, fit_mapping: bool, fit_stars: bool) -> System:
+        """The structure a program needs: the fill's tiles only with both mapping and stars fitted,
+        the block groups only with the mapping. Their shapes come from the data, and a program
+        that does not take them is reused by any survey of the same padded sizes."""
+        system = self.system
+        if not (fit_mapping and fit_stars):
+            system = system._replace(tiles=())
+        if not fit_mapping:
+            system = system._replace(block_members=jnp.zeros((0, 0), jnp.int64),
+                                     block_groups=jnp.zeros((0, 0), jnp.int64))
+        return system
 
 
 def _pad_rows(a: np.ndarray, size: int, fill=None) -> np.ndarray:
