@@ -394,14 +394,25 @@ class Solver:
         `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
         star-parameter mask of `reject_outliers`.
         """
-        fully_refit = True
+        fully_refit, readmissions = True, 0
+        outside_before = state.weights == 0  # e.g. unusable fluxes: never outliers, never re-admitted
         for _ in range(max_rounds):
             n_meas, n_ref = self.reject_outliers(state, n_sigma, star_mask(state), min_measurements)
             state.n_outliers += n_meas
             state.n_reference_outliers += n_ref
             log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
             if n_meas + n_ref == 0 and fully_refit:
-                return state
+                # rejections are decided on fits still biased by the outliers not yet found; a
+                # term that fits the final solution comes back (twice at most: no oscillation)
+                n_back = self.readmit(state, n_sigma, star_mask(state), (state.weights == 0) & ~outside_before) \
+                    if readmissions < 2 else 0
+                if n_back == 0:
+                    return state
+                readmissions += 1
+                state.n_outliers -= n_back
+                log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
+                state = refit_all(state)
+                continue
             in_use = float(np.sum(state.weights) + np.sum(state.star_weights))
             fully_refit = n_meas + n_ref == 0 or n_meas + n_ref > STARS_ONLY_BELOW * in_use
             state = refit_all(state) if fully_refit else refit_stars(state)
@@ -409,6 +420,23 @@ class Solver:
             log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)
             state.converged = False
         return state
+
+    def readmit(self, state: FitState, n_sigma: float, star_mask, eligible: np.ndarray) -> int:
+        """Give weight 1 back to `eligible` rejected measurements whose chi2 against the current fit
+        (noise plus their star's uncertainty) is within the n_sigma cut of `reject_outliers`
+        (same robust scale), where their star still has measurements in the fit. Returns how many."""
+        d_m, _, _ = self._leave_one_out(state, self._effective_star_mask(state, star_mask))
+        d_m = np.asarray(d_m)
+        tail = special.erfc(n_sigma / np.sqrt(2.0))
+        used = state.weights > 0
+        scale = max(float(np.median(d_m[used])) / stats.chi2.median(self.residual_dim), 1.0) if used.any() else 1.0
+        star = np.asarray(self.problem.index["star"])
+        fitted = np.bincount(star, weights=state.weights, minlength=self.n_stars) > 0
+        back = np.zeros(self.n_measurements, bool)
+        back[: self.n_real] = eligible[: self.n_real] & fitted[star[: self.n_real]]
+        back &= d_m < stats.chi2.isf(tail, self.residual_dim) * scale
+        state.weights = np.where(back, 1.0, state.weights)
+        return int(back.sum())
 
     def covariance(self, state: FitState, mapping_mask, star_mask) -> np.ndarray:
         """(N, N) covariance of the mapping parameters marginalised over the stars: the inverse

@@ -205,6 +205,8 @@ class Linearised(NamedTuple):
     chi2: jax.Array
     h_ss: jax.Array  # (S, q, q) star blocks, fixed parameters given identity rows
     b_s: jax.Array  # (S, q) star right-hand side (-J_s^T r)
+    r_all: jax.Array  # (n, d) residuals of every measurement, rejected ones too (weight 1)
+    js_all: jax.Array  # (n, d, q) their masked star Jacobian blocks
 
 
 def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
@@ -216,11 +218,12 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
     r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index,
                                   mapping_jacobian=mapping_jacobian)
     sw = jnp.sqrt(weights)[:, None]
+    r_all, js_all = r, js * star_mask[star][:, None, :]
     r = r * sw
     chi2 = jnp.sum(r**2)
     if mapping_jacobian:
         jm = jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :]
-    js = js * sw[:, :, None] * star_mask[star][:, None, :]
+    js = js_all * sw[:, :, None]
     h_ss = jax.ops.segment_sum(jnp.einsum("nda,ndb->nab", js, js), star, n_stars)
     b_s = -jax.ops.segment_sum(jnp.einsum("nda,nd->na", js, r), star, n_stars)
     if prior_fn is not None:
@@ -231,7 +234,7 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
         h_ss = h_ss + jnp.einsum("sda,sdb->sab", jp, jp)
         b_s = b_s - jnp.einsum("sda,sd->sa", jp, rp)
     h_ss = h_ss + jax.vmap(jnp.diag)(1.0 - star_mask)  # fixed star parameters: identity rows
-    return Linearised(r, jm, js, chi2, h_ss, b_s)
+    return Linearised(r, jm, js, chi2, h_ss, b_s, r_all, js_all)
 
 
 def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
@@ -344,8 +347,9 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
     towards it, and the good measurements take the blame); this "deleted" chi2 does not.
     The mapping's leverage is negligible (thousands of measurements per group) and ignored.
     Terms with leverage ~1 (nothing else constrains their star) get chi2 0: untestable.
-    Returns ((n,) measurement, (S,) prior) contributions (rejected terms get 0) and H_ss^-1
-    (S, q, q), the stars' covariance with the mapping held.
+    Returns ((n,) measurement, (S,) prior) contributions and H_ss^-1 (S, q, q), the stars'
+    covariance with the mapping held. A rejected measurement gets its chi2 against the current
+    fit, r^T (I + J_s H_ss^-1 J_s^T)^-1 r (it is already outside); a rejected prior gets 0.
     """
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask, mapping_jacobian=False)
@@ -360,6 +364,14 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
         return jnp.where(ok, z @ z, 0.0)
 
     chi2_m = jax.vmap(deleted)(lin.r, lin.js, h_inv[star])
+
+    def predicted(r, j, hinv):  # a term outside the fit: noise plus its star's uncertainty
+        l = small.cholesky(jnp.eye(r.shape[0]) + j @ hinv @ j.T)
+        z = small.solve_lower(l, r)
+        return z @ z
+
+    # rejected terms get their chi2 against the current fit (to re-admit the ones rejected early)
+    chi2_m = jnp.where(weights > 0, chi2_m, jax.vmap(predicted)(lin.r_all, lin.js_all, h_inv[star]))
     if prior_fn is None:
         return chi2_m, jnp.zeros(star_weights.shape), h_inv
     rp, jp = star_terms(prior_fn, stars, star_data)
