@@ -474,6 +474,17 @@ class Simulation:
     config: SimConfig
     seed: int
 
+    def misassociated(self, assoc) -> np.ndarray:
+        """(m,) bool per measurement of `assoc` (a `jcal.associate.Association` of `data`): a detection
+        of another true star than most of its fitted star's (blends, chance neighbours)."""
+        true_star = self.truth.measurements.star_id[assoc.source_index]
+        pairs, counts = np.unique(np.stack([assoc.star, true_star], 1), axis=0, return_counts=True)
+        order = np.lexsort((-counts, pairs[:, 0]))
+        first = order[np.r_[True, pairs[order[1:], 0] != pairs[order[:-1], 0]]]
+        majority = np.empty(assoc.n_stars, np.int64)
+        majority[pairs[first, 0]] = pairs[first, 1]
+        return true_star != majority[assoc.star]
+
 
 # --------------------------------------------------------------------------------------------
 # The simulation.

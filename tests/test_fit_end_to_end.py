@@ -49,13 +49,7 @@ def test_chi2_and_outliers(small_fit):
     # Good detections lost: none in a star of 3+ detections free of outliers and mis-associated
     # detections (an early, biased round may reject some: they are re-admitted at the end). A
     # star of two detections that disagree cannot tell which is wrong and loses both.
-    true_star = sim.truth.measurements.star_id[a.source_index]
-    pairs, counts = np.unique(np.stack([a.star, true_star], 1), axis=0, return_counts=True)
-    order = np.lexsort((-counts, pairs[:, 0]))
-    first = order[np.r_[True, pairs[order[1:], 0] != pairs[order[:-1], 0]]]
-    majority = np.empty(a.n_stars, np.int64)
-    majority[pairs[first, 0]] = pairs[first, 1]
-    bad = truth_outlier | (true_star != majority[a.star])
+    bad = truth_outlier | sim.misassociated(a)
     star_has_bad = np.bincount(a.star, weights=bad, minlength=a.n_stars) > 0
     n_detections = np.bincount(a.star, minlength=a.n_stars)
     lost = rejected & ~bad

@@ -161,17 +161,6 @@ def tiny_r():
     return sim, associate(sim.data, FitConfig())
 
 
-def _misassociated(sim, assoc):
-    """(m,) bool: detections of another true star than most of their fitted star's (true flux outliers)."""
-    true_star = sim.truth.measurements.star_id[assoc.source_index]
-    pairs, counts = np.unique(np.stack([assoc.star, true_star], 1), axis=0, return_counts=True)
-    order = np.lexsort((-counts, pairs[:, 0]))
-    first = order[np.r_[True, pairs[order[1:], 0] != pairs[order[:-1], 0]]]
-    majority = np.empty(assoc.n_stars, np.int64)
-    majority[pairs[first, 0]] = pairs[first, 1]
-    return true_star != majority[assoc.star]
-
-
 def _calibration_error_mmag(fit, sim, assoc, only=None):
     """Fitted vs true calibration (mmag) at the true pixel positions of the measurements, after
     removing the common offset left by the reference catalog's absolute level."""
@@ -253,7 +242,7 @@ def test_constrained_flux_flags_injected_flux_outliers(tiny_r, flux_outliers):
     rows = assoc.source_index
     cols = fit.measurement_columns()
     flagged = cols["photometry_outlier"]
-    wrong_star = _misassociated(sim, assoc)  # the simulation's own flux outliers
+    wrong_star = sim.misassociated(assoc)  # the simulation's own flux outliers
     bad = injected | wrong_star
     err, _ = _calibration_error_mmag(fit, sim, assoc, only=fit.informative())
     rms = float(np.sqrt(np.mean(err**2)))
@@ -393,7 +382,7 @@ def test_two_bands_get_their_own_gauge():
     refs = fit.model.reference_detectors
     assert len(refs) == 2 and sorted(bd[list(refs), 0].tolist()) == [0, 1]
     np.testing.assert_array_equal(np.asarray(fit.model.detector.inner.value)[list(refs)], [0.0, 0.0])
-    ok = fit.informative() & ~_misassociated(sim, assoc)
+    ok = fit.informative() & ~sim.misassociated(assoc)
     err, _ = _calibration_error_mmag(fit, sim, assoc, only=ok)
     print(f"\ntwo bands, tiny: calibration error rms {np.sqrt(np.mean(err**2)):.2f} mmag over informative "
           "measurements")
