@@ -391,7 +391,8 @@ class Solver:
         it, while their stars move fully; a stars-only step costs a fraction of a full one. Once a
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
-        `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
+        That last scoring also re-admits rejected measurements that fit the final solution
+        (`readmit`), then refits; at most twice. `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
         star-parameter mask of `reject_outliers`.
         """
         fully_refit, readmissions = True, 0
