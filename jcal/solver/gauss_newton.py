@@ -350,12 +350,10 @@ class Solver:
         """
         d_m, d_s, _ = self._leave_one_out(state, self._effective_star_mask(state, star_mask))
         d_m, d_s = np.asarray(d_m), np.asarray(d_s)
-        tail = special.erfc(n_sigma / np.sqrt(2.0))
         star = np.asarray(self.problem.index["star"])
         used = state.weights > 0
-        d = self.residual_dim
-        scale = max(float(np.median(d_m[used])) / stats.chi2.median(d), 1.0) if used.any() else 1.0
-        score_m = np.where(state.weights > 0, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
+        tail, scale = self._tail_and_scale(n_sigma, d_m, used)
+        score_m = np.where(used, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
         score_s = np.zeros(self.n_stars)
         if self.problem.prior_dof is not None:
             cut_s = stats.chi2.isf(tail, np.maximum(self.problem.prior_dof, 1)) * scale
@@ -392,8 +390,8 @@ class Solver:
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
         That last scoring also re-admits rejected measurements that fit the final solution
-        (`readmit`), then refits; at most twice. `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
-        star-parameter mask of `reject_outliers`.
+        (`readmit`), then refits; at most twice. `refit_*` run a fitting stage and return the new
+        state; `star_mask(state)` is the star-parameter mask of `reject_outliers`.
         """
         fully_refit, readmissions = True, 0
         outside_before = state.weights == 0  # e.g. unusable fluxes: never outliers, never re-admitted
@@ -422,15 +420,21 @@ class Solver:
             state.converged = False
         return state
 
+    def _tail_and_scale(self, n_sigma: float, d_m: np.ndarray, used: np.ndarray) -> tuple[float, float]:
+        """The Gaussian two-sided tail probability of n_sigma, and the robust error scale: the
+        median leave-one-out chi2 of the used measurements over its expected median (>= 1)."""
+        tail = float(special.erfc(n_sigma / np.sqrt(2.0)))
+        if not used.any():
+            return tail, 1.0
+        return tail, max(float(np.median(d_m[used])) / stats.chi2.median(self.residual_dim), 1.0)
+
     def readmit(self, state: FitState, n_sigma: float, star_mask, eligible: np.ndarray) -> int:
         """Give weight 1 back to `eligible` rejected measurements whose chi2 against the current fit
         (noise plus their star's uncertainty) is within the n_sigma cut of `reject_outliers`
         (same robust scale), where their star still has measurements in the fit. Returns how many."""
         d_m, _, _ = self._leave_one_out(state, self._effective_star_mask(state, star_mask))
         d_m = np.asarray(d_m)
-        tail = special.erfc(n_sigma / np.sqrt(2.0))
-        used = state.weights > 0
-        scale = max(float(np.median(d_m[used])) / stats.chi2.median(self.residual_dim), 1.0) if used.any() else 1.0
+        tail, scale = self._tail_and_scale(n_sigma, d_m, state.weights > 0)
         star = np.asarray(self.problem.index["star"])
         fitted = np.bincount(star, weights=state.weights, minlength=self.n_stars) > 0
         back = np.zeros(self.n_measurements, bool)
