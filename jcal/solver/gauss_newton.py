@@ -271,8 +271,7 @@ class Solver:
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
         return _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
                      (pm, sm), (ps, ss), self.data, self.star_data, self._system_for(fit_mapping, fit_stars),
-                     jnp.asarray(weights),
-                     jnp.asarray(star_weights), mmask, smask, damping)
+                     jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
         """The state moved by alpha times the step (the mapping object kept when it does not move)."""
@@ -464,10 +463,20 @@ class Solver:
         return cov[: self.stars_real]
 
     def _leave_one_out(self, state: FitState, smask):
+        """`leave_one_out_chi2` at `state`; the last result is kept, as a clean scoring round and
+        the re-admission that follows it ask for the same one."""
+        inputs = (state.mapping, state.stars, self.data, np.array(state.weights), np.array(state.star_weights),
+                  np.asarray(smask))
+        cached = getattr(self, "_last_leave_one_out", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0][:3], inputs[:3])) and all(
+                np.array_equal(a, b) for a, b in zip(cached[0][3:], inputs[3:])):
+            return cached[1]
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        return _deleted_chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
-                             self.star_data, self._system_for(False, True), jnp.asarray(state.weights),
-                             jnp.asarray(state.star_weights), jnp.zeros(self.layout.size), smask)
+        result = _deleted_chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
+                               self.star_data, self._system_for(False, True), jnp.asarray(state.weights),
+                               jnp.asarray(state.star_weights), jnp.zeros(self.layout.size), smask)
+        self._last_leave_one_out = (inputs, result)
+        return result
 
     def _system_for(self, fit_mapping: bool, fit_stars: bool) -> System:
         """The structure a program needs: the fill's tiles only with both mapping and stars fitted,
