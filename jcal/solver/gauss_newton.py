@@ -28,8 +28,8 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
-from .normal_equations import (System, TileSet, chi2_terms, gauss_newton_step, implicit_cotangents, leave_one_out_chi2,
-                               measurement_terms)
+from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linearise,
+                               measurement_terms, solve_step)
 
 log = logging.getLogger("jcal.solver")
 
@@ -77,9 +77,13 @@ class FitState:
     n_reference_outliers: int = 0
 
 
-_step = jax.jit(gauss_newton_step, static_argnums=(0, 1, 2, 3, 4))
+# A step runs as two programs, `linearise` then `solve_step`: the linearisation (autodiff of
+# the model, the costliest program to compile) is shared by every kind of step and by the
+# outlier scoring, and a damped retry re-solves without linearising again.
+_linearise = jax.jit(linearise, static_argnames=("residual_fn", "prior_fn", "mapping_jacobian"))
+_solve = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
-_deleted_chi2 = jax.jit(leave_one_out_chi2, static_argnums=(0, 1))
+_deleted_chi2 = jax.jit(leave_one_out_chi2)
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
 
@@ -220,9 +224,10 @@ class Solver:
         for iteration in range(max_iterations):
             t0 = time.perf_counter()
             (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
+            lin = self._linearise(state, fit_mapping, weights, star_weights, mmask, smask)
             # Levenberg damping only when the undamped reduced system is numerically singular
             for damping in (0.0, 1e-10, 1e-8, 1e-6):
-                step = self._step(state, fit_mapping, fit_stars, weights, star_weights, mmask, smask, damping)
+                step = self._solve(lin, fit_mapping, fit_stars, mmask, smask, damping)
                 chi2_old = float(step.chi2)
                 if not math.isfinite(chi2_old):
                     raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
@@ -266,12 +271,16 @@ class Solver:
             state.converged = False
         return state
 
-    def _step(self, state: FitState, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
-              damping: float = 0.0):
+    def _linearise(self, state: FitState, mapping_jacobian: bool, weights, star_weights, mmask, smask):
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        return _step(self.problem.residual_fn, self.problem.prior_fn, self.layout, fit_mapping, fit_stars,
-                     (pm, sm), (ps, ss), self.data, self.star_data, self._system_for(fit_mapping, fit_stars),
-                     jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
+        return _linearise(residual_fn=self.problem.residual_fn, prior_fn=self.problem.prior_fn, mapping=(pm, sm),
+                          stars=(ps, ss), data=self.data, star_data=self.star_data, system=self._system_for(False, False),
+                          weights=jnp.asarray(weights), star_weights=jnp.asarray(star_weights), mapping_mask=mmask,
+                          star_mask=smask, mapping_jacobian=bool(mapping_jacobian and self.layout.size))
+
+    def _solve(self, lin, fit_mapping: bool, fit_stars: bool, mmask, smask, damping: float = 0.0):
+        return _solve(self.layout, fit_mapping, fit_stars, lin, self._system_for(fit_mapping, fit_stars), mmask,
+                      smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
         """The state moved by alpha times the step (the mapping object kept when it does not move)."""
@@ -445,8 +454,9 @@ class Solver:
     def covariance(self, state: FitState, mapping_mask, star_mask) -> np.ndarray:
         """(N, N) covariance of the mapping parameters marginalised over the stars: the inverse
         of the reduced normal matrix of a full step (fixed parameters: zero rows and columns)."""
-        step = self._step(state, True, True, state.weights, state.star_weights, jnp.asarray(mapping_mask),
-                          self._effective_star_mask(state, star_mask))
+        smask = self._effective_star_mask(state, star_mask)
+        lin = self._linearise(state, True, state.weights, state.star_weights, jnp.asarray(mapping_mask), smask)
+        step = self._solve(lin, True, True, jnp.asarray(mapping_mask), smask)
         diag = np.asarray(step.reduced_diagonal)
         d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
         factor = scipy.linalg.cho_factor(np.asarray(step.scaled_matrix), lower=True)
@@ -471,17 +481,16 @@ class Solver:
         if cached is not None and all(a is b for a, b in zip(cached[0][:3], inputs[:3])) and all(
                 np.array_equal(a, b) for a, b in zip(cached[0][3:], inputs[3:])):
             return cached[1]
-        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        result = _deleted_chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
-                               self.star_data, self._system_for(False, True), jnp.asarray(state.weights),
-                               jnp.asarray(state.star_weights), jnp.zeros(self.layout.size), smask)
+        lin = self._linearise(state, False, state.weights, state.star_weights, jnp.zeros(self.layout.size), smask)
+        result = _deleted_chi2(lin, self.system.index["star"], jnp.asarray(state.weights))
         self._last_leave_one_out = (inputs, result)
         return result
 
     def _system_for(self, fit_mapping: bool, fit_stars: bool) -> System:
         """The structure a program needs: the fill's tiles only with both mapping and stars fitted,
-        the block groups only with the mapping. Their shapes come from the data, and a program
-        that does not take them is reused by any survey of the same padded sizes."""
+        the block groups only with the mapping (and the linearisation, `_system_for(False, False)`,
+        neither). Their shapes come from the data, and a program that does not take them is
+        reused by any survey of the same padded sizes."""
         system = self.system
         if not (fit_mapping and fit_stars):
             system = system._replace(tiles=())

@@ -207,12 +207,15 @@ class Linearised(NamedTuple):
     b_s: jax.Array  # (S, q) star right-hand side (-J_s^T r)
     r_all: jax.Array  # (n, d) residuals of every measurement, rejected ones too (weight 1)
     js_all: jax.Array  # (n, d, q) their masked star Jacobian blocks
+    rp: jax.Array | None  # (S, k) weighted prior residuals (None: no prior)
+    jp: jax.Array | None  # (S, k, q) their weighted, masked Jacobian blocks
 
 
 def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
               weights, star_weights, mapping_mask, star_mask, mapping_jacobian: bool = True) -> Linearised:
     """Residuals, Jacobian blocks and the block-diagonal star part of the normal equations
-    (without `mapping_jacobian`, for what depends on the stars alone: `jm` is None)."""
+    (without `mapping_jacobian`, for what depends on the stars alone: `jm` is None).
+    Only `system.index` and `system.columns` are read."""
     star = system.index["star"]
     n_stars = star_weights.shape[0]
     r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index,
@@ -226,6 +229,7 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
     js = js_all * sw[:, :, None]
     h_ss = jax.ops.segment_sum(jnp.einsum("nda,ndb->nab", js, js), star, n_stars)
     b_s = -jax.ops.segment_sum(jnp.einsum("nda,nd->na", js, r), star, n_stars)
+    rp = jp = None
     if prior_fn is not None:
         rp, jp = star_terms(prior_fn, stars, star_data)
         spw = jnp.sqrt(star_weights)[:, None]
@@ -234,7 +238,7 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
         h_ss = h_ss + jnp.einsum("sda,sdb->sab", jp, jp)
         b_s = b_s - jnp.einsum("sda,sd->sa", jp, rp)
     h_ss = h_ss + jax.vmap(jnp.diag)(1.0 - star_mask)  # fixed star parameters: identity rows
-    return Linearised(r, jm, js, chi2, h_ss, b_s, r_all, js_all)
+    return Linearised(r, jm, js, chi2, h_ss, b_s, r_all, js_all, rp, jp)
 
 
 def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
@@ -253,15 +257,26 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
 
     weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
     change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
-    parameters and 0 for fixed ones (gauge, fitting stage). `damping` adds a multiple of the
-    identity to the Jacobi-scaled reduced system (Levenberg), for near-singular systems only.
-    The step also returns that scaled reduced matrix (undamped): it names degeneracies and gives
-    the mapping covariance without compiling a second program.
+    parameters and 0 for fixed ones (gauge, fitting stage). The solver runs the two halves,
+    `linearise` and `solve_step`, as separate programs: every kind of step and the outlier
+    scoring share the linearisation, the costliest program to compile.
+    """
+    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
+                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=fit_mapping and layout.size > 0)
+    return solve_step(layout, fit_mapping, fit_stars, lin, system, mapping_mask, star_mask, damping)
+
+
+def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, lin: Linearised, system: System,
+               mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0) -> Step:
+    """The Gauss-Newton step from a linearisation (`linearise`, with `jm` when `fit_mapping`).
+
+    `damping` adds a multiple of the identity to the Jacobi-scaled reduced system (Levenberg),
+    for near-singular systems only. The step also returns that scaled reduced matrix
+    (undamped): it names degeneracies and gives the mapping covariance without compiling a
+    second program.
     """
     star = system.index["star"]
     n_map = layout.size
-    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=fit_mapping and n_map > 0)
     l_s = _star_cholesky(lin.h_ss)
 
     if not fit_mapping or n_map == 0:
@@ -331,30 +346,26 @@ def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping,
     (data_bar,) = vjp_data(-jv)
     star_data_bar = None
     if prior_fn is not None:
-        _, jp = star_terms(prior_fn, stars, star_data)
         spw = jnp.sqrt(star_weights)[:, None]
-        jpv = jnp.einsum("sdq,sq->sd", jp * spw[:, :, None] * star_mask[:, None, :], v_s)
+        jpv = jnp.einsum("sdq,sq->sd", lin.jp, v_s)
         _, vjp_star = jax.vjp(lambda d: star_terms(prior_fn, stars, d, with_jacobian=False) * spw, star_data)
         (star_data_bar,) = vjp_star(-jpv)
     return data_bar, star_data_bar
 
 
-def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
-                       weights, star_weights, mapping_mask, star_mask):
+def leave_one_out_chi2(lin: Linearised, star: jax.Array, weights: jax.Array):
     """Chi2 of each term had its star been fitted without it: r^T (I - J_s H_ss^-1 J_s^T)^-1 r.
 
-    A raw residual understates an outlier on a star with few measurements (the star moves
-    towards it, and the good measurements take the blame); this "deleted" chi2 does not.
-    The mapping's leverage is negligible (thousands of measurements per group) and ignored.
-    Terms with leverage ~1 (nothing else constrains their star) get chi2 0: untestable.
+    `lin` is a linearisation (`linearise`; the stars' part is enough) and `star` (n,) the star
+    of each measurement. A raw residual understates an outlier on a star with few measurements
+    (the star moves towards it, and the good measurements take the blame); this "deleted" chi2
+    does not. The mapping's leverage is negligible (thousands of measurements per group) and
+    ignored. Terms with leverage ~1 (nothing else constrains their star) get chi2 0: untestable.
     Returns ((n,) measurement, (S,) prior) contributions and H_ss^-1 (S, q, q), the stars'
     covariance with the mapping held. A rejected measurement gets its chi2 against the current
     fit, r^T (I + J_s H_ss^-1 J_s^T)^-1 r (it is already outside); a rejected prior gets 0.
     """
-    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=False)
     h_inv = small.spd_inverse(lin.h_ss)
-    star = system.index["star"]
 
     def deleted(r, j, hinv):
         m = jnp.eye(r.shape[0]) - j @ hinv @ j.T  # SPD unless the term is all its star has
@@ -372,9 +383,6 @@ def leave_one_out_chi2(residual_fn, prior_fn, mapping, stars, data, star_data, s
 
     # rejected terms get their chi2 against the current fit (to re-admit the ones rejected early)
     chi2_m = jnp.where(weights > 0, chi2_m, jax.vmap(predicted)(lin.r_all, lin.js_all, h_inv[star]))
-    if prior_fn is None:
-        return chi2_m, jnp.zeros(star_weights.shape), h_inv
-    rp, jp = star_terms(prior_fn, stars, star_data)
-    spw = jnp.sqrt(star_weights)[:, None]
-    chi2_s = jax.vmap(deleted)(rp * spw, jp * spw[:, :, None] * star_mask[:, None, :], h_inv)
-    return chi2_m, chi2_s, h_inv
+    if lin.rp is None:
+        return chi2_m, jnp.zeros(lin.h_ss.shape[0]), h_inv
+    return chi2_m, jax.vmap(deleted)(lin.rp, lin.jp, h_inv), h_inv
