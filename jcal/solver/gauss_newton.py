@@ -364,7 +364,8 @@ class Solver:
         score_m = np.where(used, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
         score_s = np.zeros(self.n_stars)
         if self.problem.prior_dof is not None:
-            cut_s = stats.chi2.isf(tail, np.maximum(self.problem.prior_dof, 1)) * scale
+            dof, which = np.unique(np.maximum(self.problem.prior_dof, 1), return_inverse=True)
+            cut_s = stats.chi2.isf(tail, dof)[which.ravel()] * scale  # per distinct dof: isf is slow
             score_s = np.where(state.star_weights > 0, d_s / cut_s, 0.0)
             if self.problem.prior_rejectable is not None:  # a prior that is not data stays
                 score_s = np.where(self.problem.prior_rejectable, score_s, 0.0)
@@ -397,8 +398,8 @@ class Solver:
         it, while their stars move fully; a stars-only step costs a fraction of a full one. Once a
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
-        That last scoring also re-admits rejected measurements that fit the final solution
-        (`readmit`), then refits; at most twice. `refit_*` run a fitting stage and return the new
+        A clean scoring also re-admits rejected measurements that fit the solution (`readmit`)
+        before that full refit (at most twice in all). `refit_*` run a fitting stage and return the new
         state; `star_mask(state)` is the star-parameter mask of `reject_outliers`.
         """
         fully_refit, readmissions = True, 0
@@ -408,20 +409,21 @@ class Solver:
             state.n_outliers += n_meas
             state.n_reference_outliers += n_ref
             log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
-            if n_meas + n_ref == 0 and fully_refit:
+            if n_meas + n_ref == 0:
                 # rejections are decided on fits still biased by the outliers not yet found; a
-                # term that fits the final solution comes back (twice at most: no oscillation)
+                # term that fits the clean solution comes back (twice at most: no oscillation)
                 n_back = self.readmit(state, n_sigma, star_mask(state), (state.weights == 0) & ~outside_before) \
                     if readmissions < 2 else 0
-                if n_back == 0:
+                if n_back:
+                    readmissions += 1
+                    state.n_outliers -= n_back
+                    log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
+                elif fully_refit:
                     return state
-                readmissions += 1
-                state.n_outliers -= n_back
-                log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
-                state = refit_all(state)
+                state, fully_refit = refit_all(state), True
                 continue
             in_use = float(np.sum(state.weights) + np.sum(state.star_weights))
-            fully_refit = n_meas + n_ref == 0 or n_meas + n_ref > STARS_ONLY_BELOW * in_use
+            fully_refit = n_meas + n_ref > STARS_ONLY_BELOW * in_use
             state = refit_all(state) if fully_refit else refit_stars(state)
         if max_rounds:
             log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)
