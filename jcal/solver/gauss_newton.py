@@ -28,7 +28,7 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
-from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linearise,
+from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
                                measurement_terms, solve_step)
 
 log = logging.getLogger("jcal.solver")
@@ -77,10 +77,11 @@ class FitState:
     n_reference_outliers: int = 0
 
 
-# A step runs as two programs, `linearise` then `solve_step`: the linearisation (autodiff of
-# the model, the costliest program to compile) is shared by every kind of step and by the
-# outlier scoring, and a damped retry re-solves without linearising again.
-_linearise = jax.jit(linearise, static_argnames=("residual_fn", "prior_fn", "mapping_jacobian"))
+# A step runs as two programs, `linear_terms` then `solve_step`: the linearisation (autodiff
+# of the model, the costliest program to compile and to run) is shared by every kind of step
+# and by the outlier scoring, is computed once per point (a scoring round and the stars-only
+# refit after it reuse it), and a damped retry re-solves without linearising again.
+_terms = jax.jit(linear_terms, static_argnames=("residual_fn", "prior_fn", "mapping_jacobian"))
 _solve = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
 _chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
 _deleted_chi2 = jax.jit(leave_one_out_chi2)
@@ -224,10 +225,10 @@ class Solver:
         for iteration in range(max_iterations):
             t0 = time.perf_counter()
             (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-            lin = self._linearise(state, fit_mapping, weights, star_weights, mmask, smask)
+            terms = self._linear_terms(state, fit_mapping)
             # Levenberg damping only when the undamped reduced system is numerically singular
             for damping in (0.0, 1e-10, 1e-8, 1e-6):
-                step = self._solve(lin, fit_mapping, fit_stars, mmask, smask, damping)
+                step = self._solve(terms, fit_mapping, fit_stars, weights, star_weights, mmask, smask, damping)
                 chi2_old = float(step.chi2)
                 if not math.isfinite(chi2_old):
                     raise FitError(f"stage {name!r}: chi2 is not finite ({chi2_old}) at iteration {iteration}; "
@@ -271,16 +272,28 @@ class Solver:
             state.converged = False
         return state
 
-    def _linearise(self, state: FitState, mapping_jacobian: bool, weights, star_weights, mmask, smask):
+    def _linear_terms(self, state: FitState, mapping_jacobian: bool):
+        """`linear_terms` at `state`, with the mapping Jacobian if asked. The last result is kept:
+        a scoring round and the stars-only refit after it linearise at the same point."""
+        mapping_jacobian = bool(mapping_jacobian and self.layout.size)
+        key = (state.mapping, state.stars, self.data)
+        cached = getattr(self, "_last_terms", None)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)) and (
+                cached[1].jm is not None or not mapping_jacobian):
+            # without the mapping Jacobian when not asked: the programs taking it compile once
+            return cached[1] if mapping_jacobian else cached[1]._replace(jm=None)
+        self._last_terms = None  # frees its device memory before the new one is made
         (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        return _linearise(residual_fn=self.problem.residual_fn, prior_fn=self.problem.prior_fn, mapping=(pm, sm),
-                          stars=(ps, ss), data=self.data, star_data=self.star_data, system=self._system_for(False, False),
-                          weights=jnp.asarray(weights), star_weights=jnp.asarray(star_weights), mapping_mask=mmask,
-                          star_mask=smask, mapping_jacobian=bool(mapping_jacobian and self.layout.size))
+        terms = _terms(residual_fn=self.problem.residual_fn, prior_fn=self.problem.prior_fn, mapping=(pm, sm),
+                       stars=(ps, ss), data=self.data, star_data=self.star_data, index=self.system.index,
+                       mapping_jacobian=mapping_jacobian)
+        self._last_terms = (key, terms)
+        return terms
 
-    def _solve(self, lin, fit_mapping: bool, fit_stars: bool, mmask, smask, damping: float = 0.0):
-        return _solve(self.layout, fit_mapping, fit_stars, lin, self._system_for(fit_mapping, fit_stars), mmask,
-                      smask, damping)
+    def _solve(self, terms, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
+               damping: float = 0.0):
+        return _solve(self.layout, fit_mapping, fit_stars, terms, self._system_for(fit_mapping, fit_stars),
+                      jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
         """The state moved by alpha times the step (the mapping object kept when it does not move)."""
@@ -457,8 +470,8 @@ class Solver:
         """(N, N) covariance of the mapping parameters marginalised over the stars: the inverse
         of the reduced normal matrix of a full step (fixed parameters: zero rows and columns)."""
         smask = self._effective_star_mask(state, star_mask)
-        lin = self._linearise(state, True, state.weights, state.star_weights, jnp.asarray(mapping_mask), smask)
-        step = self._solve(lin, True, True, jnp.asarray(mapping_mask), smask)
+        step = self._solve(self._linear_terms(state, True), True, True, state.weights, state.star_weights,
+                           jnp.asarray(mapping_mask), smask)
         diag = np.asarray(step.reduced_diagonal)
         d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
         factor = scipy.linalg.cho_factor(np.asarray(step.scaled_matrix), lower=True)
@@ -483,15 +496,14 @@ class Solver:
         if cached is not None and all(a is b for a, b in zip(cached[0][:3], inputs[:3])) and all(
                 np.array_equal(a, b) for a, b in zip(cached[0][3:], inputs[3:])):
             return cached[1]
-        lin = self._linearise(state, False, state.weights, state.star_weights, jnp.zeros(self.layout.size), smask)
-        result = _deleted_chi2(lin, self.system.index["star"], jnp.asarray(state.weights))
+        result = _deleted_chi2(self._linear_terms(state, False), self._system_for(False, False),
+                               jnp.asarray(state.weights), jnp.asarray(state.star_weights), smask)
         self._last_leave_one_out = (inputs, result)
         return result
 
     def _system_for(self, fit_mapping: bool, fit_stars: bool) -> System:
         """The structure a program needs: the fill's tiles only with both mapping and stars fitted,
-        the block groups only with the mapping (and the linearisation, `_system_for(False, False)`,
-        neither). Their shapes come from the data, and a program that does not take them is
+        the block groups only with the mapping. Their shapes come from the data, and a program that does not take them is
         reused by any survey of the same padded sizes."""
         system = self.system
         if not (fit_mapping and fit_stars):

@@ -198,6 +198,28 @@ def _star_cholesky(h_ss: jax.Array) -> jax.Array:
     return small.cholesky(h_ss + 1e-12 * scale[:, None, None] * jnp.eye(q))
 
 
+class Terms(NamedTuple):
+    """Residuals and Jacobian blocks at one point, before weights and masks (`linear_terms`)."""
+
+    r: jax.Array  # (n, d) whitened residuals
+    jm: jax.Array | None  # (n, d, P) mapping Jacobian blocks (None: not computed)
+    js: jax.Array  # (n, d, q) star Jacobian blocks
+    rp: jax.Array | None  # (S, k) prior residuals (None: no prior)
+    jp: jax.Array | None  # (S, k, q) their Jacobian blocks
+
+
+def linear_terms(residual_fn, prior_fn, mapping, stars, data, star_data, index,
+                 mapping_jacobian: bool = True) -> Terms:
+    """Every residual and Jacobian block at the current parameters: the autodiff part of a step.
+
+    Weights and masks are applied later (`weigh`), so one linearisation serves the outlier
+    scoring and the stars-only refit that follows it (same point, new weights).
+    """
+    r, jm, js = measurement_terms(residual_fn, mapping, stars, data, index, mapping_jacobian=mapping_jacobian)
+    rp, jp = star_terms(prior_fn, stars, star_data) if prior_fn is not None else (None, None)
+    return Terms(r, jm, js, rp, jp)
+
+
 class Linearised(NamedTuple):
     r: jax.Array  # (n, d) weighted residuals
     jm: jax.Array | None  # (n, d, P) weighted, masked mapping Jacobian blocks (None: not needed)
@@ -211,34 +233,37 @@ class Linearised(NamedTuple):
     jp: jax.Array | None  # (S, k, q) their weighted, masked Jacobian blocks
 
 
-def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
-              weights, star_weights, mapping_mask, star_mask, mapping_jacobian: bool = True) -> Linearised:
-    """Residuals, Jacobian blocks and the block-diagonal star part of the normal equations
-    (without `mapping_jacobian`, for what depends on the stars alone: `jm` is None).
+def weigh(terms: Terms, system: System, weights, star_weights, mapping_mask, star_mask,
+          mapping_jacobian: bool = True) -> Linearised:
+    """Apply weights (outliers 0) and masks (fixed parameters 0) to `terms`, and form the
+    block-diagonal star part of the normal equations. Without `mapping_jacobian`, `jm` is None.
     Only `system.index` and `system.columns` are read."""
     star = system.index["star"]
     n_stars = star_weights.shape[0]
-    r, jm, js = measurement_terms(residual_fn, mapping, stars, data, system.index,
-                                  mapping_jacobian=mapping_jacobian)
     sw = jnp.sqrt(weights)[:, None]
-    r_all, js_all = r, js * star_mask[star][:, None, :]
-    r = r * sw
+    r_all, js_all = terms.r, terms.js * star_mask[star][:, None, :]
+    r = r_all * sw
     chi2 = jnp.sum(r**2)
-    if mapping_jacobian:
-        jm = jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :]
+    jm = terms.jm * sw[:, :, None] * mapping_mask[system.columns][:, None, :] if mapping_jacobian else None
     js = js_all * sw[:, :, None]
     h_ss = jax.ops.segment_sum(jnp.einsum("nda,ndb->nab", js, js), star, n_stars)
     b_s = -jax.ops.segment_sum(jnp.einsum("nda,nd->na", js, r), star, n_stars)
     rp = jp = None
-    if prior_fn is not None:
-        rp, jp = star_terms(prior_fn, stars, star_data)
+    if terms.rp is not None:
         spw = jnp.sqrt(star_weights)[:, None]
-        rp, jp = rp * spw, jp * spw[:, :, None] * star_mask[:, None, :]
+        rp, jp = terms.rp * spw, terms.jp * spw[:, :, None] * star_mask[:, None, :]
         chi2 = chi2 + jnp.sum(rp**2)
         h_ss = h_ss + jnp.einsum("sda,sdb->sab", jp, jp)
         b_s = b_s - jnp.einsum("sda,sd->sa", jp, rp)
     h_ss = h_ss + jax.vmap(jnp.diag)(1.0 - star_mask)  # fixed star parameters: identity rows
     return Linearised(r, jm, js, chi2, h_ss, b_s, r_all, js_all, rp, jp)
+
+
+def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: System,
+              weights, star_weights, mapping_mask, star_mask, mapping_jacobian: bool = True) -> Linearised:
+    """`linear_terms` then `weigh`: the weighted linear problem at the current parameters."""
+    terms = linear_terms(residual_fn, prior_fn, mapping, stars, data, star_data, system.index, mapping_jacobian)
+    return weigh(terms, system, weights, star_weights, mapping_mask, star_mask, mapping_jacobian)
 
 
 def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
@@ -258,25 +283,28 @@ def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: 
     weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
     change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
     parameters and 0 for fixed ones (gauge, fitting stage). The solver runs the two halves,
-    `linearise` and `solve_step`, as separate programs: every kind of step and the outlier
+    `linear_terms` and `solve_step`, as separate programs: every kind of step and the outlier
     scoring share the linearisation, the costliest program to compile.
     """
-    lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
-                    weights, star_weights, mapping_mask, star_mask, mapping_jacobian=fit_mapping and layout.size > 0)
-    return solve_step(layout, fit_mapping, fit_stars, lin, system, mapping_mask, star_mask, damping)
+    terms = linear_terms(residual_fn, prior_fn, mapping, stars, data, star_data, system.index,
+                         mapping_jacobian=fit_mapping and layout.size > 0)
+    return solve_step(layout, fit_mapping, fit_stars, terms, system, weights, star_weights, mapping_mask, star_mask,
+                      damping)
 
 
-def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, lin: Linearised, system: System,
-               mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0) -> Step:
-    """The Gauss-Newton step from a linearisation (`linearise`, with `jm` when `fit_mapping`).
+def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, terms: Terms, system: System,
+               weights: jax.Array, star_weights: jax.Array, mapping_mask: jax.Array, star_mask: jax.Array,
+               damping: jax.Array = 0.0) -> Step:
+    """The Gauss-Newton step from `linear_terms` (with `jm` when `fit_mapping`) and the weights.
 
     `damping` adds a multiple of the identity to the Jacobi-scaled reduced system (Levenberg),
     for near-singular systems only. The step also returns that scaled reduced matrix
     (undamped): it names degeneracies and gives the mapping covariance without compiling a
     second program.
     """
-    star = system.index["star"]
     n_map = layout.size
+    lin = weigh(terms, system, weights, star_weights, mapping_mask, star_mask, fit_mapping and n_map > 0)
+    star = system.index["star"]
     l_s = _star_cholesky(lin.h_ss)
 
     if not fit_mapping or n_map == 0:
@@ -353,18 +381,20 @@ def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping,
     return data_bar, star_data_bar
 
 
-def leave_one_out_chi2(lin: Linearised, star: jax.Array, weights: jax.Array):
+def leave_one_out_chi2(terms: Terms, system: System, weights, star_weights, star_mask):
     """Chi2 of each term had its star been fitted without it: r^T (I - J_s H_ss^-1 J_s^T)^-1 r.
 
-    `lin` is a linearisation (`linearise`; the stars' part is enough) and `star` (n,) the star
-    of each measurement. A raw residual understates an outlier on a star with few measurements
-    (the star moves towards it, and the good measurements take the blame); this "deleted" chi2
-    does not. The mapping's leverage is negligible (thousands of measurements per group) and
-    ignored. Terms with leverage ~1 (nothing else constrains their star) get chi2 0: untestable.
-    Returns ((n,) measurement, (S,) prior) contributions and H_ss^-1 (S, q, q), the stars'
-    covariance with the mapping held. A rejected measurement gets its chi2 against the current
-    fit, r^T (I + J_s H_ss^-1 J_s^T)^-1 r (it is already outside); a rejected prior gets 0.
+    `terms` come from `linear_terms` (the stars' part is enough); `weights`, `star_weights` and
+    `star_mask` as for a step. A raw residual understates an outlier on a star with few
+    measurements (the star moves towards it, and the good measurements take the blame); this
+    "deleted" chi2 does not. The mapping's leverage is negligible (thousands of measurements per
+    group) and ignored. Terms with leverage ~1 (nothing else constrains their star) get chi2 0:
+    untestable. Returns ((n,) measurement, (S,) prior) contributions and H_ss^-1 (S, q, q), the
+    stars' covariance with the mapping held. A rejected measurement gets its chi2 against the
+    current fit, r^T (I + J_s H_ss^-1 J_s^T)^-1 r (it is already outside); a rejected prior gets 0.
     """
+    lin = weigh(terms, system, weights, star_weights, None, star_mask, mapping_jacobian=False)
+    star = system.index["star"]
     h_inv = small.spd_inverse(lin.h_ss)
 
     def deleted(r, j, hinv):
