@@ -20,14 +20,14 @@ def n_terms(order: int) -> int:
 
 
 def _legendre_1d(u, order: int) -> list:
-    p = [jnp.ones_like(u), u]
+    p = [u * 0 + 1, u]
     for n in range(1, order):
         p.append(((2 * n + 1) * u * p[n] - n * p[n - 1]) / (n + 1))
     return p[: order + 1]
 
 
 def _chebyshev_1d(u, order: int) -> list:
-    t = [jnp.ones_like(u), u]
+    t = [u * 0 + 1, u]
     for _ in range(1, order):
         t.append(2 * u * t[-1] - t[-2])
     return t[: order + 1]
@@ -36,8 +36,10 @@ def _chebyshev_1d(u, order: int) -> list:
 _FAMILIES = {"legendre": _legendre_1d, "chebyshev": _chebyshev_1d}
 
 
-def basis_2d(u, v, order: int, family: str = "legendre"):
-    """Basis values, shape u.shape + (n_terms(order),), at normalised coordinates (u, v)."""
+def basis_2d(u, v, order: int, family: str = "legendre", xp=jnp):
+    """Basis values, shape u.shape + (n_terms(order),), at normalised coordinates (u, v).
+
+    `xp` is the array namespace: jax.numpy in models, numpy for host-side set-up."""
     one_d = _FAMILIES[family]
     pu, pv = one_d(u, order), one_d(v, order)
-    return jnp.stack([pu[i] * pv[j] for i, j in term_powers(order)], axis=-1)
+    return xp.stack([pu[i] * pv[j] for i, j in term_powers(order)], axis=-1)

@@ -34,7 +34,7 @@ class Polynomial(Transform):
         """(n, n_terms) basis matrix at points (x, y): for linear least-squares initialisation."""
         u = (np.asarray(x) - center[0]) / half_width[0]
         v = (np.asarray(y) - center[1]) / half_width[1]
-        return np.asarray(basis_2d(jnp.asarray(u), jnp.asarray(v), order, family))
+        return basis_2d(u, v, order, family, xp=np)
 
     @staticmethod
     def n_terms(order: int) -> int:

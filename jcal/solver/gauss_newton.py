@@ -377,8 +377,8 @@ class Solver:
         score_m = np.where(used, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
         score_s = np.zeros(self.n_stars)
         if self.problem.prior_dof is not None:
-            dof, which = np.unique(np.maximum(self.problem.prior_dof, 1), return_inverse=True)
-            cut_s = stats.chi2.isf(tail, dof)[which.ravel()] * scale  # per distinct dof: isf is slow
+            dof, which = self._prior_dof_levels
+            cut_s = stats.chi2.isf(tail, dof)[which] * scale  # per distinct dof: isf is slow
             score_s = np.where(state.star_weights > 0, d_s / cut_s, 0.0)
             if self.problem.prior_rejectable is not None:  # a prior that is not data stays
                 score_s = np.where(self.problem.prior_rejectable, score_s, 0.0)
@@ -394,11 +394,17 @@ class Solver:
         weights = np.where(reject_m, 0.0, state.weights)
         # a star left with too few measurements cannot tell which of them was wrong: drop it
         left = np.bincount(star, weights=weights, minlength=self.n_stars)
-        orphaned = (left < min_measurements) & (left > 0) & np.isin(np.arange(self.n_stars), star[reject_m])
+        orphaned = (left < min_measurements) & (left > 0) & has_rejected
         reject_m |= orphaned[star] & (weights > 0)
         state.weights = np.where(reject_m, 0.0, state.weights)
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())
+
+    @functools.cached_property
+    def _prior_dof_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct prior dof values (at least 1) and each star's position among them."""
+        dof, which = np.unique(np.maximum(self.problem.prior_dof, 1), return_inverse=True)
+        return dof, which.ravel()
 
     def reject_until_clean(self, state: FitState, refit_all: Callable[[FitState], FitState],
                            refit_stars: Callable[[FitState], FitState], star_mask: Callable[[FitState], Any], *,

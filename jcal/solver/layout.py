@@ -101,8 +101,8 @@ class BlockGroups:
     @classmethod
     def of(cls, group_index: np.ndarray) -> "BlockGroups":
         n = group_index.shape[0]
-        unique, block = np.unique(group_index, axis=0, return_inverse=True)
-        block = block.ravel()
+        _, first, block = np.unique(_row_codes(group_index), return_index=True, return_inverse=True)
+        unique, block = group_index[first], block.ravel()
         order = np.argsort(block, kind="stable")
         counts = np.bincount(block, minlength=len(unique))
         n_blocks, width = bucket(len(unique)), bucket(counts.max())
@@ -154,8 +154,9 @@ class Tiles:
         slots, groups = [], []
         for k in range(group_index.shape[1]):
             # distinct groups of leaf k per tile -> local slots
-            pairs, inverse = np.unique(np.stack([tile, group_index[:, k]], 1), axis=0, return_inverse=True)
-            inverse = inverse.ravel()
+            pair_rows = np.stack([tile, group_index[:, k]], 1)
+            _, first_of, inverse = np.unique(_row_codes(pair_rows), return_index=True, return_inverse=True)
+            pairs, inverse = pair_rows[first_of], inverse.ravel()
             per_tile = np.bincount(pairs[:, 0], minlength=n_tiles)
             first = np.cumsum(per_tile) - per_tile
             slot_of_pair = np.arange(len(pairs)) - first[pairs[:, 0]]
@@ -168,11 +169,13 @@ class Tiles:
             groups.append(g)
         return cls(stars, measurements, star_local, tuple(slots), tuple(groups), stars_per_tile, n)
 
-    def split(self, row_sizes: tuple[int, ...], n_classes: int = 8) -> tuple["Tiles", ...]:
+    def split(self, row_sizes: tuple[int, ...], n_classes: int = 4) -> tuple["Tiles", ...]:
         """Tiles in `n_classes` classes of similar width, each padded to its own widest tile.
 
         A tile's fill costs (its columns)^2, and tiles differ (a field's edge is seen by fewer
         visits than its centre): padding every tile to the widest overall wasted ~2x here.
+        Each class is compiled on its own: measured on medium, 4 classes instead of 8 compile
+        the joint step 0.7 s faster and run it 3 % slower (the widest classes dominate).
         """
         used = [(g < _NO_GROUP).sum(axis=1) for g in self.groups]  # (T,) groups per leaf
         columns = sum(u * p for u, p in zip(used, row_sizes))
@@ -187,6 +190,19 @@ class Tiles:
                                  tuple(g[idx, :w] for g, w in zip(self.groups, widths)), self.stars_per_tile,
                                  self.padding))
         return tuple(classes)
+
+
+def _row_codes(rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of a non-negative (n, k) int array, ordered like the rows
+    (lexicographically): `np.unique` of these is much faster than `np.unique(axis=0)`."""
+    code, span = np.zeros(rows.shape[0], np.int64), 1
+    for column in rows.T:
+        size = int(column.max(initial=0)) + 1
+        span *= size
+        if span >= 2**62:  # too many combinations for one int64: rank the rows instead
+            return np.unique(rows, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+        code = code * size + column
+    return code
 
 
 def _spatial_order(xyz: np.ndarray) -> np.ndarray:
