@@ -28,6 +28,7 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket
+from .peeling import StarTerms, peel
 from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
                                measurement_terms, solve_step)
 
@@ -365,23 +366,28 @@ class Solver:
         chi2 quantile (residual dimension d) with the two-sided Gaussian tail probability of
         n_sigma, scaled by a robust estimate of how much the errors are underestimated (the
         median deleted chi2 over its expected median, when above 1): the outliers themselves
-        do not inflate the cut, so one round catches nearly all of them. Only one term per
-        star goes per round (terms of one star interact through it; stars do not), and a star
-        left with fewer than `min_measurements` loses the rest too.
+        do not inflate the cut, so one round catches nearly all of them. Terms of one star
+        interact through it (stars do not), so one term per star goes per round; but in a round
+        that rejects few terms (the mapping no longer biased by gross outliers), a star that
+        lost one is refitted alone and rescored, and peeled again while a term is beyond the
+        cut (`peeling.peel`), which saves a round per further term. A star left with fewer than
+        `min_measurements` loses the rest too.
         """
-        d_m, d_s, _ = self._leave_one_out(state, self._effective_star_mask(state, star_mask))
+        smask = self._effective_star_mask(state, star_mask)
+        d_m, d_s, _ = self._leave_one_out(state, smask)
         d_m, d_s = np.asarray(d_m), np.asarray(d_s)
         star = np.asarray(self.problem.index["star"])
         used = state.weights > 0
         tail, scale = self._tail_and_scale(n_sigma, d_m, used)
-        score_m = np.where(used, d_m / (stats.chi2.isf(tail, self.residual_dim) * scale), 0.0)
-        score_s = np.zeros(self.n_stars)
+        cut_m = stats.chi2.isf(tail, self.residual_dim) * scale
+        score_m = np.where(used, d_m / cut_m, 0.0)
+        score_s, cut_s = np.zeros(self.n_stars), np.ones(self.n_stars)
+        rejectable = np.ones(self.n_stars, bool) if self.problem.prior_rejectable is None \
+            else np.asarray(self.problem.prior_rejectable, bool)  # a prior that is not data stays
         if self.problem.prior_dof is not None:
             dof, which = self._prior_dof_levels
             cut_s = stats.chi2.isf(tail, dof)[which] * scale  # per distinct dof: isf is slow
-            score_s = np.where(state.star_weights > 0, d_s / cut_s, 0.0)
-            if self.problem.prior_rejectable is not None:  # a prior that is not data stays
-                score_s = np.where(self.problem.prior_rejectable, score_s, 0.0)
+            score_s = np.where((state.star_weights > 0) & rejectable, d_s / cut_s, 0.0)
         worst = score_s.copy()
         np.maximum.at(worst, star, score_m)
         candidates = np.flatnonzero((score_m > 1) & (score_m >= worst[star]))
@@ -391,6 +397,10 @@ class Solver:
         has_rejected = np.zeros(self.n_stars, bool)
         has_rejected[star[reject_m]] = True
         reject_s = (score_s > 1) & (score_s >= worst) & ~has_rejected
+        if reject_m.sum() + reject_s.sum() <= STARS_ONLY_BELOW * (used.sum() + np.sum(state.star_weights > 0)):
+            # few rejections: the mapping is clean, a star's other terms can be judged now
+            self._peel(state, smask, reject_m, reject_s, cut_m, cut_s, rejectable, min_measurements)
+        has_rejected[star[reject_m]] = True
         weights = np.where(reject_m, 0.0, state.weights)
         # a star left with too few measurements cannot tell which of them was wrong: drop it
         left = np.bincount(star, weights=weights, minlength=self.n_stars)
@@ -399,6 +409,45 @@ class Solver:
         state.weights = np.where(reject_m, 0.0, state.weights)
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())
+
+    def _peel(self, state: FitState, smask, reject_m: np.ndarray, reject_s: np.ndarray, cut_m: float,
+              cut_s: np.ndarray, rejectable: np.ndarray, min_measurements: int) -> None:
+        """Extend this round's rejections (`reject_m`, `reject_s`, updated in place) by peeling
+        the stars that lost a term (`peeling.peel`), from the terms the scoring linearised."""
+        star = np.asarray(self.problem.index["star"])
+        hit = np.zeros(self.n_stars, bool)
+        hit[star[reject_m]] = True
+        hit |= reject_s
+        if not hit.any():
+            return
+        stars = np.flatnonzero(hit)
+        rows = np.flatnonzero(hit[star] & (state.weights > 0))
+        rows = rows[np.argsort(star[rows], kind="stable")]
+        slot_star = np.searchsorted(stars, star[rows])
+        counts = np.bincount(slot_star, minlength=len(stars))
+        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        shape = (len(stars), int(counts.max()))
+
+        terms = self._linear_terms(state, False)  # the scoring's, at this state
+        smask = np.asarray(smask)
+        r_rows = np.asarray(terms.r[jnp.asarray(rows)])
+        j_rows = np.asarray(terms.js[jnp.asarray(rows)]) * smask[star[rows]][:, None, :]
+        r = np.zeros(shape + r_rows.shape[1:])
+        j = np.zeros(shape + j_rows.shape[1:])
+        alive = np.zeros(shape, bool)
+        r[slot_star, slot], j[slot_star, slot], alive[slot_star, slot] = r_rows, j_rows, ~reject_m[rows]
+        q = j.shape[-1]
+        in_fit = state.star_weights[stars] > 0
+        if terms.rp is not None:
+            rp = np.asarray(terms.rp[jnp.asarray(stars)])
+            jp = np.asarray(terms.jp[jnp.asarray(stars)]) * smask[stars][:, None, :]
+        else:
+            rp, jp = np.zeros((len(stars), 0)), np.zeros((len(stars), 0, q))
+        before = alive.copy(), in_fit & rejectable[stars] & ~reject_s[stars]
+        after = peel(StarTerms(r, j, alive, rp, jp, before[1], in_fit & ~rejectable[stars], 1.0 - smask[stars]),
+                     cut_m, cut_s[stars], min_measurements)
+        reject_m[rows[before[0][slot_star, slot] & ~after[0][slot_star, slot]]] = True
+        reject_s[stars[before[1] & ~after[1]]] = True
 
     @functools.cached_property
     def _prior_dof_levels(self) -> tuple[np.ndarray, np.ndarray]:
