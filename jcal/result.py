@@ -34,7 +34,7 @@ from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
-from .io.sip import fit_tan_sip_many, write_wcs_fits
+from .io.sip import fit_tan_sip_many, wcs_fits_bytes
 from .solution import AstrometricSolution
 
 log = logging.getLogger("jcal")
@@ -187,7 +187,8 @@ class FitResult:
                 worst = 0.0
                 for (visit, detector), (cards, rms) in self.wcs_cards().items():
                     worst = max(worst, rms)
-                    write_wcs_fits(cards, tmp / "wcs" / f"{visit}_{detector}.fits")
+                    # plain writes: the staging folder makes the whole output atomic
+                    (tmp / "wcs" / f"{visit}_{detector}.fits").write_bytes(wcs_fits_bytes(cards))
                     if progress:
                         progress()
                 self.timings["wcs_approximation_worst_rms_mas"] = worst

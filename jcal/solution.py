@@ -18,6 +18,8 @@ import numpy as np
 
 import jcal_models as jm
 
+from .solver.layout import bucket
+
 
 def _structure(model: jm.Transform) -> dict:
     if isinstance(model, jm.ConstrainedAstrometry):
@@ -72,8 +74,18 @@ class AstrometricSolution:
     def pixel_to_sky(self, visit, detector, x, y) -> tuple[np.ndarray, np.ndarray]:
         """(ra, dec) [deg] of 0-based pixel positions; arguments broadcast together."""
         visit, detector, x, y = np.broadcast_arrays(visit, detector, np.asarray(x, float), np.asarray(y, float))
-        ra, dec = _evaluate(self.model, self.index(visit, detector), jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
-        return np.asarray(ra).reshape(x.shape), np.asarray(dec).reshape(x.shape)
+        index = {k: np.asarray(v) for k, v in self.index(visit, detector).items()}
+        x, y, shape = x.ravel(), y.ravel(), x.shape
+        # fixed-size chunks (padded with the first point): one compiled program for any size
+        chunk = _EVALUATE_CHUNK if x.size > _EVALUATE_CHUNK // 8 else bucket(x.size, minimum=1)
+        ra, dec = np.empty(x.size), np.empty(x.size)
+        for start in range(0, x.size, chunk):
+            part = slice(start, min(start + chunk, x.size))
+            pad = lambda a: np.concatenate([a[part], np.repeat(a[:1], chunk - (part.stop - start))])  # noqa: E731
+            r, d = _evaluate(self.model, {k: jnp.asarray(pad(v)) for k, v in index.items()}, jnp.asarray(pad(x)),
+                             jnp.asarray(pad(y)))
+            ra[part], dec[part] = np.asarray(r)[: part.stop - start], np.asarray(d)[: part.stop - start]
+        return ra.reshape(shape), dec.reshape(shape)
 
     def tangent_point(self, visit: int) -> tuple[float, float]:
         ra0, dec0 = self.tangent_points(np.array([visit]))[0]
@@ -104,6 +116,7 @@ class AstrometricSolution:
 
 
 _evaluate = jax.jit(jm.evaluate)
+_EVALUATE_CHUNK = 1 << 17  # points per evaluation call
 
 
 def load_model(path: str | Path, like: jm.Transform | None = None) -> AstrometricSolution:
