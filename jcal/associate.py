@@ -188,7 +188,7 @@ def _neighbour_pairs(xyz: np.ndarray, visit: np.ndarray, chord: float) -> tuple[
     keys = []
     for start in range(0, n, _QUERY_CHUNK):  # bounded (chunk, k) temporaries
         stop = min(start + _QUERY_CHUNK, n)
-        _, j = tree.query(xyz[start:stop], k=k, distance_upper_bound=chord * (1 + 1e-12))
+        _, j = tree.query(xyz[start:stop], k=k, distance_upper_bound=chord * (1 + 1e-12), workers=-1)
         j = j.reshape(stop - start, k)
         i = np.broadcast_to(np.arange(start, stop)[:, None], j.shape)
         ok = j < n
@@ -336,7 +336,8 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
     cand_star, cand_ref = [], []
     if slow.size:
         k = min(_REF_CANDIDATES, slow.size)
-        _, idx = cKDTree(ref_mid[slow]).query(star_xyz, k=k, distance_upper_bound=float(_chord(2 * radius_rad)))
+        _, idx = cKDTree(ref_mid[slow]).query(star_xyz, k=k, distance_upper_bound=float(_chord(2 * radius_rad)),
+                                              workers=-1)
         idx = idx.reshape(n, k)
         ok = idx < slow.size
         cand_star.append(np.nonzero(ok)[0])
@@ -477,7 +478,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
     log.info("reference: %d of %d reference stars in the footprint; %d stars matched within %g arcsec",
              collected.sum(), len(ref), matched.sum(), config.ref_match_radius_arcsec)
     if not matched.any():
-        _, nearest = cKDTree(ref_xyz).query(xyz)
+        _, nearest = cKDTree(ref_xyz).query(xyz, workers=-1)
         med = np.median(angle(xyz, ref_xyz[nearest])) / _ARCSEC
         raise InputError(
             f"no star matches the reference catalog within ref_match_radius_arcsec = "
