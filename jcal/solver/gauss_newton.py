@@ -298,9 +298,9 @@ class Solver:
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
         """The state moved by alpha times the step (the mapping object kept when it does not move)."""
-        new_ps = unflatten_stars(flatten_stars(ps) + alpha * step.delta_stars, ps)
-        if move_mapping and self.layout.size:
-            new_pm = self.layout.unflatten(self.layout.flatten(pm) + alpha * step.delta_mapping, pm)
+        move_mapping = bool(move_mapping and self.layout.size)
+        new_pm, new_ps = _moved(self.layout, move_mapping, pm, ps, step.delta_mapping, step.delta_stars, alpha)
+        if move_mapping:
             mapping = eqx.combine(new_pm, eqx.filter(state.mapping, self.mapping_filter, inverse=True))
         else:
             mapping = state.mapping
@@ -430,8 +430,8 @@ class Solver:
 
         terms = self._linear_terms(state, False)  # the scoring's, at this state
         smask = np.asarray(smask)
-        r_rows = np.asarray(terms.r[jnp.asarray(rows)])
-        j_rows = np.asarray(terms.js[jnp.asarray(rows)]) * smask[star[rows]][:, None, :]
+        r_rows = _host_rows(terms.r, rows)
+        j_rows = _host_rows(terms.js, rows) * smask[star[rows]][:, None, :]
         r = np.zeros(shape + r_rows.shape[1:])
         j = np.zeros(shape + j_rows.shape[1:])
         alive = np.zeros(shape, bool)
@@ -439,8 +439,8 @@ class Solver:
         q = j.shape[-1]
         in_fit = state.star_weights[stars] > 0
         if terms.rp is not None:
-            rp = np.asarray(terms.rp[jnp.asarray(stars)])
-            jp = np.asarray(terms.jp[jnp.asarray(stars)]) * smask[stars][:, None, :]
+            rp = _host_rows(terms.rp, stars)
+            jp = _host_rows(terms.jp, stars) * smask[stars][:, None, :]
         else:
             rp, jp = np.zeros((len(stars), 0)), np.zeros((len(stars), 0, q))
         before = alive.copy(), in_fit & rejectable[stars] & ~reject_s[stars]
@@ -567,6 +567,26 @@ class Solver:
             system = system._replace(block_members=jnp.zeros((0, 0), jnp.int64),
                                      block_groups=jnp.zeros((0, 0), jnp.int64))
         return system
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _moved(layout: ParameterLayout, move_mapping: bool, pm, ps, delta_mapping, delta_stars, alpha):
+    """Parameters moved by alpha times a step (one program, not one per eager operation)."""
+    new_ps = unflatten_stars(flatten_stars(ps) + alpha * delta_stars, ps)
+    if not move_mapping:
+        return pm, new_ps
+    return layout.unflatten(layout.flatten(pm) + alpha * delta_mapping, pm), new_ps
+
+
+_take = jax.jit(lambda a, rows: a[rows])
+
+
+def _host_rows(a: jax.Array, rows: np.ndarray) -> np.ndarray:
+    """a[rows] gathered on the device and fetched (rows padded to a bucketed count, so that
+    few gather programs compile; eager indexing would compile one per count)."""
+    padded = np.zeros(bucket(len(rows), minimum=1), np.int64)
+    padded[: len(rows)] = rows
+    return np.asarray(_take(a, jnp.asarray(padded)))[: len(rows)]
 
 
 def _pad_rows(a: np.ndarray, size: int, fill=None) -> np.ndarray:
