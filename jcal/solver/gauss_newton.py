@@ -84,7 +84,7 @@ class FitState:
 # refit after it reuse it), and a damped retry re-solves without linearising again.
 _terms = jax.jit(linear_terms, static_argnames=("residual_fn", "prior_fn", "mapping_jacobian"))
 _solve = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
-_chi2 = jax.jit(chi2_terms, static_argnums=(0, 1))
+_chi2 = jax.jit(chi2_terms)
 _deleted_chi2 = jax.jit(leave_one_out_chi2)
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
@@ -198,9 +198,7 @@ class Solver:
         return c_m[: self.n_real], c_s[: self.stars_real]
 
     def _chi2(self, state: FitState) -> tuple[np.ndarray, np.ndarray]:
-        (pm, sm), (ps, ss) = self.split(state.mapping, state.stars)
-        c_m, c_s = _chi2(self.problem.residual_fn, self.problem.prior_fn, (pm, sm), (ps, ss), self.data,
-                         self.star_data, self.system.index, jnp.asarray(state.weights),
+        c_m, c_s = _chi2(self._linear_terms(state, False), jnp.asarray(state.weights),
                          jnp.asarray(state.star_weights))
         return np.asarray(c_m), np.asarray(c_s)
 

@@ -116,14 +116,14 @@ def star_terms(prior_fn: Callable | None, stars, star_data, with_jacobian: bool 
     return jax.vmap(one)(ps, ss, star_data)
 
 
-def chi2_terms(residual_fn, prior_fn, mapping, stars, data, star_data, index, weights, star_weights):
-    """(n,) and (S,) chi2 contributions of measurements and star priors (weights applied)."""
-    r = measurement_terms(residual_fn, mapping, stars, data, index, with_jacobian=False)
-    chi2_m = weights * jnp.sum(r**2, axis=1)
-    if prior_fn is None:
+def chi2_terms(terms: "Terms", weights, star_weights):
+    """(n,) and (S,) chi2 contributions of measurements and star priors (weights applied), from
+    `linear_terms`: the solver evaluates a trial point with the linearisation its next scoring
+    or step needs anyway."""
+    chi2_m = weights * jnp.sum(terms.r**2, axis=1)
+    if terms.rp is None:
         return chi2_m, jnp.zeros(star_weights.shape)
-    rp = star_terms(prior_fn, stars, star_data, with_jacobian=False)
-    return chi2_m, star_weights * jnp.sum(rp**2, axis=1)
+    return chi2_m, star_weights * jnp.sum(terms.rp**2, axis=1)
 
 
 def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs: jax.Array | None):
