@@ -269,3 +269,36 @@ def test_write_input_refuses_existing(sim, written, tmp_path):
     out = write_input(sim.data, tmp_path / "again")
     write_input(sim.data, out, overwrite=True)
     assert len(read_input(out).sources) == len(sim.data.sources)
+
+
+def test_sip_headers_parsed_by_jcal_match_astropy(tmp_path):
+    """TAN-SIP headers (A/B and AP/BP) are read with jcal's own SIP parse (faster); the WCS must
+    be the one astropy builds from the whole header, forward and inverse."""
+    from astropy.wcs import WCS
+
+    from jcal.io.input_dir import _read_wcs, _split_sip
+    from jcal.io.sip import fit_tan_sip, write_wcs_fits
+
+    def distorted(x, y):  # a smooth, non-linear map about (150, 2) deg, 0.2"/px
+        u, v = (x - 1000) / 1000, (y - 2000) / 2000
+        return 150 + (0.2 / 3600) * (x - 1000 + 3 * u * v + 2 * u**2) / np.cos(np.radians(2)), \
+            2 + (0.2 / 3600) * (y - 2000 + 4 * v**2 - u * v)
+
+    header, _ = fit_tan_sip(distorted, 2048, 4096, crval=(150.0, 2.0), order=3, grid=12)
+    path = tmp_path / "1_2.fits"
+    write_wcs_fits(header, path)
+    text = fits.getheader(path).tostring()
+    assert _split_sip(text) is not None and _split_sip(text)[1][2] is not None  # A, B, AP, BP parsed
+    fast, nx, ny = _read_wcs(path, {}, 2)
+    reference = WCS(fits.getheader(path), relax=True)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-0.5, nx - 0.5, 100), rng.uniform(-0.5, ny - 0.5, 100)
+    np.testing.assert_array_equal(fast.all_pix2world(x, y, 0), reference.all_pix2world(x, y, 0))
+    ra, dec = reference.all_pix2world(x, y, 0)
+    np.testing.assert_array_equal(fast.wcs_world2pix(ra, dec, 0), reference.wcs_world2pix(ra, dec, 0))
+    np.testing.assert_allclose(fast.all_world2pix(ra, dec, 0), np.stack([x, y]), atol=1e-6)
+    # anything unusual in the SIP cards: astropy parses the whole header
+    cards = [text[i:i + 80] for i in range(0, len(text), 80)]
+    odd = "".join(c[:10] + "'three'".ljust(20) + c[30:] if c.startswith("A_ORDER") else c for c in cards)
+    assert _split_sip(odd) is None
+    assert _split_sip(text.replace("'RA---TAN-SIP'", "'RA---TAN'    ")) is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS, FITSFixedWarning, Sip
 
 from jcal.data import (Camera, CcdVisit, InputData, InputError, ReferenceCatalog, SourceCatalog,
                        VisitTable)
@@ -295,6 +296,37 @@ def _primary_header_text(path: Path) -> str | None:
     return "".join(cards[: end + 1])
 
 
+_SIP_CARD = re.compile(r"(A|B|AP|BP)_(ORDER|(\d+)_(\d+)) *= *([-+0-9.EeDd]+) *(/.*)?$")
+
+
+def _split_sip(text: str) -> tuple[str, tuple] | None:
+    """(header text without its SIP cards, (A, B, AP, BP) coefficient arrays) of a TAN-SIP header
+    whose SIP cards are plain numbers, else None (astropy then parses the whole header)."""
+    cards = [text[i:i + 80] for i in range(0, len(text), 80)]
+    kept, orders, terms = [], {}, []
+    for card in cards:
+        key = card[:8].strip()
+        if not key.startswith(("A_", "B_", "AP_", "BP_")) or key in ("A_DMAX", "B_DMAX"):
+            kept.append(card)
+            continue
+        match = _SIP_CARD.match(card.rstrip())
+        if match is None:
+            return None
+        name, value = match.group(1), float(match.group(5).replace("D", "E").replace("d", "e"))
+        if match.group(2) == "ORDER":
+            orders[name] = int(value)
+        else:
+            terms.append((name, int(match.group(3)), int(match.group(4)), value))
+    if "A" not in orders or "B" not in orders or not any(c.startswith("CTYPE1  = 'RA---TAN-SIP") for c in kept):
+        return None
+    arrays = {name: np.zeros((order + 1, order + 1)) for name, order in orders.items()}
+    for name, p, q, value in terms:
+        if name not in arrays or p + q > orders[name]:
+            return None
+        arrays[name][p, q] = value
+    return "".join(kept), (arrays["A"], arrays["B"], arrays.get("AP"), arrays.get("BP"))
+
+
 def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int) -> tuple[WCS, int, int]:
     """Celestial WCS and detector size (nx, ny) from one FITS file."""
     try:
@@ -312,7 +344,13 @@ def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header if text is None else text, relax=True)
+            sip = None if text is None else _split_sip(text)
+            if sip is not None:  # SIP coefficients parsed here: astropy's own parse doubles the cost
+                text, coefficients = sip
+                wcs = WCS(text, relax=True)
+                wcs.sip = Sip(*coefficients, wcs.wcs.crpix)
+            else:
+                wcs = WCS(header if text is None else text, relax=True)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: not a valid FITS WCS: {exc}") from exc
     if not wcs.has_celestial:
