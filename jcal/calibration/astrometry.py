@@ -165,6 +165,12 @@ def _initial_stars(data: InputData, assoc: Association, epoch0: float, proper_mo
     return Stars.at(ra, dec, np.full(len(ra), epoch0), proper_motion)
 
 
+# The stages before the joint fit prepare its start, not its result: their chi2 tolerance is
+# this many times looser. At the default 1e-6 the mapping-only stage stopped at a second step
+# that gained 7e-5 (medium), which the joint fit redoes anyway.
+WARM_UP_LOOSENING = 100.0
+
+
 def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, model: jm.Transform | None = None,
                    mapping_filter=None, progress=None) -> AstrometryFit:
     """Staged Gauss-Newton fit with outlier rejection (jointcal's recipe, vectorised)."""
@@ -215,14 +221,14 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
                        jnp.asarray(src.x_err[rows]), jnp.asarray(src.y_err[rows]), ped)
         solver.set_data("whiten", np.asarray(w))
 
-    def stage(name, fit_mapping, fit_stars, mmask, only_reference=False):
+    def stage(name, fit_mapping, fit_stars, mmask, only_reference=False, tolerance=config.tolerance):
         t0 = time.perf_counter()
         refresh_errors()
         saved = state.weights
         reference_only = saved * solver.pad_measurements(has_ref[assoc.star])
         run = functools.partial(solver.run_stage, name=name, fit_mapping=fit_mapping, fit_stars=fit_stars,
                                 mapping_mask=mmask, star_mask=star_mask, max_iterations=config.max_iterations,
-                                tolerance=config.tolerance, line_search=config.line_search)
+                                tolerance=tolerance, line_search=config.line_search)
         if only_reference and _references_constrain_every_group(solver, index, reference_only[: solver.n_real]):
             # early stages anchor the mapping on reference stars alone (their positions are
             # known); where they leave some parameter free, every measurement is used instead
@@ -242,10 +248,13 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         return new
 
     first_stage = getattr(model, "first_stage", None)
+    # the stages before the joint one only prepare its start: converged 100x more loosely
+    warm_up = WARM_UP_LOOSENING * config.tolerance
     if first_stage is not None:  # e.g. visit terms only, detectors held
-        state = stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)), True)
-    state = stage("mappings", True, False, mapping_mask, True)
-    state = stage("stars", False, True, mapping_mask)
+        state = stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)), True,
+                      tolerance=warm_up)
+    state = stage("mappings", True, False, mapping_mask, True, tolerance=warm_up)
+    state = stage("stars", False, True, mapping_mask, tolerance=warm_up)
     state = stage("all", True, True, mapping_mask)
 
     def refit(current: FitState, name: str, fit_mapping: bool) -> FitState:
