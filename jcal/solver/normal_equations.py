@@ -273,31 +273,16 @@ def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
     return c, gs
 
 
-def gauss_newton_step(residual_fn: Callable, prior_fn: Callable | None, layout: ParameterLayout,
-                      fit_mapping: bool, fit_stars: bool,
-                      mapping, stars, data, star_data, system: System,
-                      weights: jax.Array, star_weights: jax.Array,
-                      mapping_mask: jax.Array, star_mask: jax.Array, damping: jax.Array = 0.0) -> Step:
-    """Solve the normal equations for one Gauss-Newton step (minimising 0.5 |r|^2).
-
-    weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
-    change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
-    parameters and 0 for fixed ones (gauge, fitting stage). The solver runs the two halves,
-    `linear_terms` and `solve_step`, as separate programs: every kind of step and the outlier
-    scoring share the linearisation, the costliest program to compile.
-    """
-    terms = linear_terms(residual_fn, prior_fn, mapping, stars, data, star_data, system.index,
-                         mapping_jacobian=fit_mapping and layout.size > 0)
-    return solve_step(layout, fit_mapping, fit_stars, terms, system, weights, star_weights, mapping_mask, star_mask,
-                      damping)
-
-
 def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, terms: Terms, system: System,
                weights: jax.Array, star_weights: jax.Array, mapping_mask: jax.Array, star_mask: jax.Array,
                damping: jax.Array = 0.0) -> Step:
-    """The Gauss-Newton step from `linear_terms` (with `jm` when `fit_mapping`) and the weights.
+    """One Gauss-Newton step (minimising 0.5 |r|^2) from `linear_terms` (with `jm` when
+    `fit_mapping`), which the solver runs as a separate program: every kind of step and the
+    outlier scoring share that linearisation, the costliest program to compile.
 
-    `damping` adds a multiple of the identity to the Jacobi-scaled reduced system (Levenberg),
+    weights (n,) and star_weights (S,) are 0 for rejected outliers, 1 otherwise (shapes never
+    change, so nothing recompiles). mapping_mask (N,) and star_mask (S, q) are 1 for free
+    parameters and 0 for fixed ones (gauge, fitting stage). `damping` adds a multiple of the identity to the Jacobi-scaled reduced system (Levenberg),
     for near-singular systems only. The step also returns that scaled reduced matrix
     (undamped): it names degeneracies and gives the mapping covariance without compiling a
     second program.
