@@ -27,7 +27,7 @@ from scipy import special, stats
 
 from jcal_models import parameter_filter
 
-from .layout import BlockGroups, ParameterLayout, Tiles, bucket
+from .layout import BlockGroups, ParameterLayout, Tiles, bucket, rank_in_groups
 from .peeling import StarTerms, peel
 from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
                                measurement_terms, solve_step)
@@ -395,7 +395,7 @@ class Solver:
         has_rejected = np.zeros(self.n_stars, bool)
         has_rejected[star[reject_m]] = True
         reject_s = (score_s > 1) & (score_s >= worst) & ~has_rejected
-        if reject_m.sum() + reject_s.sum() <= STARS_ONLY_BELOW * (used.sum() + np.sum(state.star_weights > 0)):
+        if self._few(int(reject_m.sum() + reject_s.sum()), state):
             # few rejections: the mapping is clean, a star's other terms can be judged now
             self._peel(state, smask, reject_m, reject_s, cut_m, cut_s, rejectable, min_measurements)
         has_rejected[star[reject_m]] = True
@@ -407,6 +407,12 @@ class Solver:
         state.weights = np.where(reject_m, 0.0, state.weights)
         state.star_weights = np.where(reject_s, 0.0, state.star_weights)
         return int(reject_m.sum()), int(reject_s.sum())
+
+    @staticmethod
+    def _few(n_rejected: int, state: FitState) -> bool:
+        """A round rejecting at most `STARS_ONLY_BELOW` of the terms in use: the mapping is no
+        longer biased by gross outliers (its stars alone are refitted, and peeled)."""
+        return n_rejected <= STARS_ONLY_BELOW * float(np.sum(state.weights) + np.sum(state.star_weights))
 
     def _peel(self, state: FitState, smask, reject_m: np.ndarray, reject_s: np.ndarray, cut_m: float,
               cut_s: np.ndarray, rejectable: np.ndarray, min_measurements: int) -> None:
@@ -423,7 +429,7 @@ class Solver:
         rows = rows[np.argsort(star[rows], kind="stable")]
         slot_star = np.searchsorted(stars, star[rows])
         counts = np.bincount(slot_star, minlength=len(stars))
-        slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        slot = rank_in_groups(counts)
         shape = (len(stars), int(counts.max()))
 
         terms = self._linear_terms(state, False)  # the scoring's, at this state
@@ -441,11 +447,11 @@ class Solver:
             jp = _host_rows(terms.jp, stars) * smask[stars][:, None, :]
         else:
             rp, jp = np.zeros((len(stars), 0)), np.zeros((len(stars), 0, q))
-        before = alive.copy(), in_fit & rejectable[stars] & ~reject_s[stars]
-        after = peel(StarTerms(r, j, alive, rp, jp, before[1], in_fit & ~rejectable[stars], 1.0 - smask[stars]),
-                     cut_m, cut_s[stars], min_measurements)
-        reject_m[rows[before[0][slot_star, slot] & ~after[0][slot_star, slot]]] = True
-        reject_s[stars[before[1] & ~after[1]]] = True
+        prior_alive = in_fit & rejectable[stars] & ~reject_s[stars]
+        alive_after, prior_after = peel(StarTerms(r, j, alive, rp, jp, prior_alive, in_fit & ~rejectable[stars],
+                                                  1.0 - smask[stars]), cut_m, cut_s[stars], min_measurements)
+        reject_m[rows[alive[slot_star, slot] & ~alive_after[slot_star, slot]]] = True
+        reject_s[stars[prior_alive & ~prior_after]] = True
 
     @functools.cached_property
     def _prior_dof_levels(self) -> tuple[np.ndarray, np.ndarray]:
@@ -488,8 +494,7 @@ class Solver:
                     return state
                 state, fully_refit = refit_all(state), True
                 continue
-            in_use = float(np.sum(state.weights) + np.sum(state.star_weights))
-            fully_refit = n_meas + n_ref > STARS_ONLY_BELOW * in_use
+            fully_refit = not self._few(n_meas + n_ref, state)
             state = refit_all(state) if fully_refit else refit_stars(state)
         if max_rounds:
             log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)

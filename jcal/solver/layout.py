@@ -107,7 +107,7 @@ class BlockGroups:
         counts = np.bincount(block, minlength=len(unique))
         n_blocks, width = bucket(len(unique)), bucket(counts.max())
         members = np.full((n_blocks, width), n, np.int64)
-        rank = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        rank = rank_in_groups(counts)
         members[block[order], rank] = order
         groups = np.full((n_blocks, group_index.shape[1]), np.iinfo(np.int32).max, np.int64)
         groups[: len(unique)] = unique
@@ -145,7 +145,7 @@ class Tiles:
         n_tiles_padded = bucket(n_tiles, minimum=1)
         stars = np.full((n_tiles_padded, stars_per_tile), n_stars, np.int64)
         stars[tile_of_star, star_rank] = np.arange(n_stars)
-        rank = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        rank = rank_in_groups(counts)
         measurements = np.full((n_tiles_padded, width), n, np.int64)
         measurements[tile[order], rank] = order
         star_local = np.zeros_like(measurements)
@@ -191,6 +191,11 @@ class Tiles:
                                  tuple(g[idx, :w] for g, w in zip(self.groups, widths)), self.stars_per_tile,
                                  self.padding))
         return tuple(classes)
+
+
+def rank_in_groups(counts: np.ndarray) -> np.ndarray:
+    """For items sorted by group, with `counts` items per group: each item's rank in its group."""
+    return np.arange(int(np.sum(counts))) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def _row_codes(rows: np.ndarray) -> np.ndarray:
