@@ -36,6 +36,7 @@ from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
 from .io.sip import fit_tan_sip_many, wcs_fits_bytes
 from .solution import AstrometricSolution
+from .solver.compile import brief_jit
 
 log = logging.getLogger("jcal")
 MAS_PER_DEG = 3.6e6
@@ -203,14 +204,14 @@ class FitResult:
         return Path(out_dir)
 
 
-@jax.jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)
+@brief_jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)
 def _star_positions(stars: jm.Stars, rows, epoch):
     view = jm.Stars(stars.offset[rows], None if stars.pm is None else stars.pm[rows], stars.ra0[rows],
                     stars.dec0[rows], stars.epoch0[rows])
     return jax.vmap(lambda s, t: s.position(t))(view, jnp.asarray(epoch))
 
 
-_sky_to_tangent = jax.jit(jm.sky_to_tangent)
+_sky_to_tangent = brief_jit(jm.sky_to_tangent)
 
 
 def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:

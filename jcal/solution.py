@@ -18,6 +18,7 @@ import numpy as np
 
 import jcal_models as jm
 
+from .solver.compile import brief_jit
 from .solver.layout import bucket
 
 
@@ -115,7 +116,7 @@ class AstrometricSolution:
                    np.array(meta["ccd_visits"], np.int64).reshape(-1, 2))
 
 
-_evaluate = jax.jit(jm.evaluate)
+_evaluate = brief_jit(jm.evaluate)
 _EVALUATE_CHUNK = 1 << 17  # points per evaluation call
 
 

@@ -32,6 +32,7 @@ from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, implicit_function, small_linalg
+from ..solver.compile import brief_jit
 from ..solver.gauss_newton import unflatten_stars
 from .initialise import initial_astrometric_model
 
@@ -57,7 +58,7 @@ def reference_residual(star, ref):
     return jnp.concatenate([position, motion])
 
 
-@jax.jit
+@brief_jit
 def _whitening(model, index, x, y, x_err, y_err, pedestal_deg):
     """(n, 2, 2) W with W^T W = inverse sky covariance of each centroid."""
 

@@ -104,6 +104,7 @@ from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
+from ..solver.compile import brief_jit
 from .initialise import initial_astrometric_model
 
 log = logging.getLogger("jcal.calibration.photometry")
@@ -210,7 +211,7 @@ def _skeleton(s: dict) -> PhotometricTransform:
     raise ValueError(f"unknown photometric model form {s['form']!r} in saved structure")
 
 
-@jax.jit
+@brief_jit
 def _evaluate(model, index, x, y):
     """(calibration nJy/count, zero point AB mag) at arrays of pixels, measurement i in groups index[.][i]."""
     def one(idx, xi, yi):
@@ -223,7 +224,7 @@ def _evaluate(model, index, x, y):
     return jax.vmap(one)(index, x, y)
 
 
-@jax.jit
+@brief_jit
 def _local_means(pm, sm, index, gx, gy):
     """Per detector-visit k: mean calibration over its grid (gx[k], gy[k]) and its gradient with
     respect to the fitted parameters of the groups it sees, flattened in layout order."""

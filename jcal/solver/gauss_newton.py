@@ -27,6 +27,7 @@ from scipy import special, stats
 
 from jcal_models import parameter_filter
 
+from .compile import brief_jit
 from .layout import BlockGroups, ParameterLayout, Tiles, bucket, rank_in_groups
 from .peeling import StarTerms, peel
 from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
@@ -83,9 +84,11 @@ class FitState:
 # and by the outlier scoring, is computed once per point (a scoring round and the stars-only
 # refit after it reuse it), and a damped retry re-solves without linearising again.
 _terms = jax.jit(linear_terms, static_argnames=("residual_fn", "prior_fn", "mapping_jacobian"))
-_solve = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
-_chi2 = jax.jit(chi2_terms)
-_deleted_chi2 = jax.jit(leave_one_out_chi2)
+# The joint step is costly to run; the others are cheap and compile for compile speed.
+_solve_joint = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
+_solve_partial = brief_jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
+_chi2 = brief_jit(chi2_terms)
+_deleted_chi2 = brief_jit(leave_one_out_chi2)
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
 
 
@@ -291,7 +294,8 @@ class Solver:
 
     def _solve(self, terms, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
                damping: float = 0.0):
-        return _solve(self.layout, fit_mapping, fit_stars, terms, self._system_for(fit_mapping, fit_stars),
+        solve = _solve_joint if fit_mapping and fit_stars else _solve_partial
+        return solve(self.layout, fit_mapping, fit_stars, terms, self._system_for(fit_mapping, fit_stars),
                       jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
@@ -572,7 +576,7 @@ class Solver:
         return system
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(brief_jit, static_argnums=(0, 1))
 def _moved(layout: ParameterLayout, move_mapping: bool, pm, ps, delta_mapping, delta_stars, alpha):
     """Parameters moved by alpha times a step (one program, not one per eager operation)."""
     new_ps = unflatten_stars(flatten_stars(ps) + alpha * delta_stars, ps)
@@ -581,7 +585,7 @@ def _moved(layout: ParameterLayout, move_mapping: bool, pm, ps, delta_mapping, d
     return layout.unflatten(layout.flatten(pm) + alpha * delta_mapping, pm), new_ps
 
 
-_take = jax.jit(lambda a, rows: a[rows])
+_take = brief_jit(lambda a, rows: a[rows])
 
 
 def _host_rows(a: jax.Array, rows: np.ndarray) -> np.ndarray:
