@@ -474,11 +474,12 @@ class Solver:
         it, while their stars move fully; a stars-only step costs a fraction of a full one. Once a
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
-        A clean scoring also re-admits rejected measurements that fit the solution (`readmit`)
-        before that full refit (at most twice in all). `refit_*` run a fitting stage and return the new
+        The first clean scoring also re-admits rejected measurements that fit the solution
+        (`readmit`) before that full refit. Only once: a second re-admission found a few dozen
+        terms on large (of 0.5 M) and cost a full step and a scoring for a 1e-5 chi2 change. `refit_*` run a fitting stage and return the new
         state; `star_mask(state)` is the star-parameter mask of `reject_outliers`.
         """
-        fully_refit, readmissions = True, 0
+        fully_refit, readmitted = True, False
         outside_before = state.weights == 0  # e.g. unusable fluxes: never outliers, never re-admitted
         for _ in range(max_rounds):
             n_meas, n_ref = self.reject_outliers(state, n_sigma, star_mask(state), min_measurements)
@@ -487,11 +488,11 @@ class Solver:
             log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
             if n_meas + n_ref == 0:
                 # rejections are decided on fits still biased by the outliers not yet found; a
-                # term that fits the clean solution comes back (twice at most: no oscillation)
+                # term that fits the clean solution comes back (once: no oscillation)
                 n_back = self.readmit(state, n_sigma, star_mask(state), (state.weights == 0) & ~outside_before) \
-                    if readmissions < 2 else 0
+                    if not readmitted else 0
                 if n_back:
-                    readmissions += 1
+                    readmitted = True
                     state.n_outliers -= n_back
                     log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
                 elif fully_refit:
