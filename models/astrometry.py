@@ -79,10 +79,6 @@ class ConstrainedAstrometry(Transform):
         coeffs = mask.chip.inner.coeffs
         return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, coeffs.at[self.reference_detector].set(0.0))
 
-    def first_stage(self, mask):
-        """The first fitting stage frees only the visit terms (as jointcal's "DistortionsVisit")."""
-        coeffs = mask.chip.inner.coeffs
-        return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, jnp.zeros_like(coeffs))
 
 
 def constrained_astrometry(chip_coeffs, chip_center, chip_half_width, chip_order: int,

@@ -248,6 +248,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
             progress(f"astrometry {name}", new.history[-1]["chi2"] if new.history else float("nan"))
         return new
 
+    # a form whose added terms need the base map settled first says so (`first_stage`)
     first_stage = getattr(model, "first_stage", None)
     # the stages before the joint one only prepare its start: converged 100x more loosely
     warm_up = WARM_UP_LOOSENING * config.tolerance
