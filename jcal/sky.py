@@ -24,4 +24,7 @@ def to_radec(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Angular separation (rad) of (n, 3) unit vectors; accurate at tiny separations."""
-    return np.arctan2(np.linalg.norm(np.cross(a, b), axis=-1), np.sum(a * b, axis=-1))
+    a0, a1, a2 = a[..., 0], a[..., 1], a[..., 2]
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    cross = np.sqrt((a1 * b2 - a2 * b1) ** 2 + (a2 * b0 - a0 * b2) ** 2 + (a0 * b1 - a1 * b0) ** 2)
+    return np.arctan2(cross, a0 * b0 + a1 * b1 + a2 * b2)  # by components: np.cross is 3x slower

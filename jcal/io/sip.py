@@ -139,8 +139,9 @@ def _format_float(value: float) -> str:
     mantissa, _, exponent = text.partition("E")
     if "." not in mantissa:
         text = mantissa + ".0" + ("E" + exponent if exponent else "")
-    digits = 16
-    while len(text) > 20:  # too long for the value field: fewer significant digits
+    # too long for the value field: the most significant digits "-d.dddE+XX" holds in 20
+    digits = 14 - (value < 0)
+    while len(text) > 20:  # (a 3-digit exponent, or rounding up to one, takes a digit more)
         text = f"{value:.{digits}E}"
         digits -= 1
     return text
