@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 from astropy.table import Table
-from astropy.wcs import WCS, FITSFixedWarning, Sip
+from astropy.wcs import WCS, FITSFixedWarning, Sip, Wcsprm
 
 from jcal.data import (Camera, CcdVisit, InputData, InputError, ReferenceCatalog, SourceCatalog,
                        VisitTable)
@@ -345,10 +345,16 @@ def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             sip = None if text is None else _split_sip(text)
-            if sip is not None:  # SIP coefficients parsed here: astropy's own parse doubles the cost
+            if sip is not None:
+                # SIP parsed here and the rest handed to wcslib directly: astropy's WCS(header)
+                # re-parses the header card by card in Python (0.8 of 0.9 ms per file)
                 text, coefficients = sip
-                wcs = WCS(text, relax=True)
-                wcs.sip = Sip(*coefficients, wcs.wcs.crpix)
+                params = Wcsprm(header=text.encode("ascii"), relax=True)
+                wcs = WCS(naxis=params.naxis)
+                wcs.wcs = params
+                wcs.fix()  # what WCS(header) does after parsing
+                wcs.sip = Sip(*coefficients, params.crpix)
+                wcs.wcs.set()
             else:
                 wcs = WCS(header if text is None else text, relax=True)
     except Exception as exc:  # noqa: BLE001
