@@ -48,6 +48,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from jcal.arrays import unique_rows
 from jcal.config import FitConfig
 from jcal.data import InputData, InputError
 from jcal.sky import angle, to_radec, unit_vectors  # noqa: F401  (re-exported)
@@ -406,7 +407,8 @@ def associate(data: InputData, config: FitConfig) -> Association:
     ra, dec = _project(data, rows)
     finite = np.isfinite(ra) & np.isfinite(dec)
     if not finite.all():
-        bad_keys = np.unique(np.stack([visit[~finite], detector[~finite]], axis=1), axis=0)
+        bad_keys = np.stack([visit[~finite], detector[~finite]], axis=1)
+        bad_keys = bad_keys[unique_rows(bad_keys)[0]]
         log.warning("%d selected detection(s) have no finite first-guess sky position and are dropped; "
                     "detector-visit(s): %s", int((~finite).sum()), _name_list(bad_keys))
         rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
@@ -461,7 +463,8 @@ def associate(data: InputData, config: FitConfig) -> Association:
 
     # 4. Reference matching.
     ref_xyz = unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
-    sel_keys = np.unique(np.stack([visit, detector], axis=1), axis=0)
+    sel_keys = np.stack([visit, detector], axis=1)
+    sel_keys = sel_keys[unique_rows(sel_keys)[0]]
     collected, near = _collect_references(data, sel_keys, ref_xyz)
     counts["reference_stars_total"] = len(ref)
     counts["reference_stars_collected"] = int(collected.sum())
@@ -499,7 +502,9 @@ def associate(data: InputData, config: FitConfig) -> Association:
     # Indices of the kept measurements.
     visits_u, visit_index = np.unique(m_visit, return_inverse=True)
     detectors_u, detector_index = np.unique(m_detector, return_inverse=True)
-    ccd_u, ccd_index = np.unique(np.stack([m_visit, m_detector], axis=1), axis=0, return_inverse=True)
+    m_keys = np.stack([m_visit, m_detector], axis=1)
+    first, ccd_index = unique_rows(m_keys)
+    ccd_u = m_keys[first]
     counts["measurements"] = int(m_rows.size)
     counts["measurements_with_reference"] = int(matched[star].sum())
     counts["visits"] = int(visits_u.size)

@@ -33,6 +33,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning, Sip, Wcsprm
 
+from jcal.arrays import unique_rows
 from jcal.data import (Camera, CcdVisit, InputData, InputError, ReferenceCatalog, SourceCatalog,
                        VisitTable)
 from jcal.io.atomic import atomic_output_dir
@@ -379,14 +380,6 @@ def _read_wcs(path: Path, camera_size: dict[int, tuple[int, int]], detector: int
     return wcs, int(nx), int(ny)
 
 
-def _unique_pairs(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted distinct (a, b) pairs; 1-d uniques on a combined key (much faster than axis=0)."""
-    au, ai = np.unique(a, return_inverse=True)
-    bu, bi = np.unique(b, return_inverse=True)
-    key = np.unique(ai.astype(np.int64) * bu.size + bi)
-    return list(zip(au[key // bu.size].tolist(), bu[key % bu.size].tolist()))
-
-
 def read_input(path: str | os.PathLike) -> InputData:
     """Read a jcal input directory into an `InputData`.
 
@@ -424,7 +417,8 @@ def read_input(path: str | os.PathLike) -> InputData:
     if not wcs_dir.is_dir():
         raise InputError(f"{root}: missing required directory wcs/ (first-guess WCS per detector-visit)")
     ccd_visits: dict[tuple[int, int], CcdVisit] = {}
-    for visit, detector in _unique_pairs(sources.visit, sources.detector):
+    pairs = np.stack([sources.visit, sources.detector], axis=1)
+    for visit, detector in pairs[unique_rows(pairs)[0]].tolist():
         wcs_path = wcs_dir / wcs_filename(visit, detector)
         if not wcs_path.is_file():
             raise InputError(f"{wcs_path}: missing WCS file for (visit, detector) = ({visit}, {detector}), "

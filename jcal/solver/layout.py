@@ -24,6 +24,8 @@ import numpy as np
 
 from jcal_models import GLOBAL, group_keys
 
+from ..arrays import unique_rows
+
 
 _NO_GROUP = np.iinfo(np.int32).max  # padding group index: out of range, its updates are dropped
 
@@ -101,8 +103,8 @@ class BlockGroups:
     @classmethod
     def of(cls, group_index: np.ndarray) -> "BlockGroups":
         n = group_index.shape[0]
-        _, first, block = np.unique(_row_codes(group_index), return_index=True, return_inverse=True)
-        unique, block = group_index[first], block.ravel()
+        first, block = unique_rows(group_index)
+        unique = group_index[first]
         order = np.argsort(block, kind="stable")
         counts = np.bincount(block, minlength=len(unique))
         n_blocks, width = bucket(len(unique)), bucket(counts.max())
@@ -155,8 +157,8 @@ class Tiles:
         for k in range(group_index.shape[1]):
             # distinct groups of leaf k per tile -> local slots
             pair_rows = np.stack([tile, group_index[:, k]], 1)
-            _, first_of, inverse = np.unique(_row_codes(pair_rows), return_index=True, return_inverse=True)
-            pairs, inverse = pair_rows[first_of], inverse.ravel()
+            first_of, inverse = unique_rows(pair_rows)
+            pairs = pair_rows[first_of]
             per_tile = np.bincount(pairs[:, 0], minlength=n_tiles)
             first = np.cumsum(per_tile) - per_tile
             slot_of_pair = np.arange(len(pairs)) - first[pairs[:, 0]]
@@ -196,19 +198,6 @@ class Tiles:
 def rank_in_groups(counts: np.ndarray) -> np.ndarray:
     """For items sorted by group, with `counts` items per group: each item's rank in its group."""
     return np.arange(int(np.sum(counts))) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-def _row_codes(rows: np.ndarray) -> np.ndarray:
-    """One int64 per row of a non-negative (n, k) int array, ordered like the rows
-    (lexicographically): `np.unique` of these is much faster than `np.unique(axis=0)`."""
-    code, span = np.zeros(rows.shape[0], np.int64), 1
-    for column in rows.T:
-        size = int(column.max(initial=0)) + 1
-        span *= size
-        if span >= 2**62:  # too many combinations for one int64: rank the rows instead
-            return np.unique(rows, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
-        code = code * size + column
-    return code
 
 
 def _spatial_order(xyz: np.ndarray) -> np.ndarray:
