@@ -44,3 +44,21 @@ def test_brief_programs_compute_what_jit_computes(monkeypatch):
         np.testing.assert_allclose(compile_options.brief_jit(f)(x), jax.jit(f)(x), rtol=1e-13)
     finally:
         compile_options._compiler_options.cache_clear()
+
+
+def test_tile_classes_fewest_that_pad_little():
+    from jcal.solver.layout import Tiles, choose_tile_classes, fill_flops
+    rng = np.random.default_rng(0)
+    n_stars, per_star = 4096, 4
+    star = np.repeat(np.arange(n_stars), per_star)
+    ra = rng.uniform(0, 1, n_stars)
+    xyz = unit_vectors(ra, rng.uniform(0, 1, n_stars))
+    uniform = np.stack([star % 3, np.tile(np.arange(per_star), n_stars)], 1)  # every tile: same groups
+    tiles = Tiles.of(star, xyz, uniform, 64)
+    assert len(choose_tile_classes(tiles, (6, 20), 4)) == 2  # nothing to gain from more classes
+    spread = np.stack([star % 3, rng.integers(0, 1 + (ra[star] * 40).astype(int))], 1)  # tiles see 1..40 groups
+    tiles = Tiles.of(star, xyz, spread, 64)
+    eight = tiles.split((6, 20), 8)
+    chosen = choose_tile_classes(tiles, (6, 20), 4, extra_flops=0.0)
+    assert len(chosen) == len(eight)  # no padding allowed: the finest split
+    assert fill_flops(tiles.split((6, 20), 2), (6, 20), 4) > fill_flops(eight, (6, 20), 4)

@@ -1034,11 +1034,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     stars = PhotometricStars(value=jnp.asarray(np.where(measured, mean, default)), kind=kind)
 
     star_xyz = unit_vectors(assoc.star_ra, assoc.star_dec)
-    # one flux per star and band: the fill costs ~1/16 of astrometry's per tile, so 2 tile classes
-    # (large: the joint step compiles 2.5-2.8 -> 1.3-1.5 s, runs as fast)
     problem = StructuredProblem(residual, reference_photometry_residual, model, stars, mdata, star_data, index,
-                                star_xyz, prior_dof=has_ref.sum(axis=1).astype(float), mapping_filter=mapping_filter,
-                                tile_classes=2)
+                                star_xyz, prior_dof=has_ref.sum(axis=1).astype(float), mapping_filter=mapping_filter)
     solver = Solver(problem)
     log.info("photometry (%s): %d measurements, %d stars (%d with reference), %d band(s), %d mapping + %d star "
              "parameters", type(model).__name__, int(valid.sum()), assoc.n_stars, int(has_ref.any(1).sum()),

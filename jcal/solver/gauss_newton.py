@@ -28,7 +28,7 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .compile import brief_jit
-from .layout import BlockGroups, ParameterLayout, Tiles, bucket, rank_in_groups
+from .layout import BlockGroups, ParameterLayout, Tiles, bucket, choose_tile_classes, rank_in_groups
 from .peeling import StarTerms, peel
 from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
                                measurement_terms, solve_step)
@@ -66,8 +66,8 @@ class StructuredProblem:
     mapping_filter: Any = None  # bool pytree: fitted leaves (default: parameter_filter)
     stars_per_tile: int = 64  # measured (benchmarks, medium/large): 1.3x faster steps than 128, as fast as 32
     # Tiles are padded per class of similar width (`Tiles.split`); each class compiles its own
-    # fill. Fewer classes compile faster and pad more: worth it where the fill is cheap.
-    tile_classes: int = 8
+    # fill. None: as few classes as pad the fill little (`layout.choose_tile_classes`).
+    tile_classes: int | None = None
 
 
 @dataclass
@@ -131,7 +131,9 @@ class Solver:
         blocks = BlockGroups.of(groups[real])
         tiles = Tiles.of(np.asarray(problem.index["star"])[real], problem.star_xyz, groups[real],
                          problem.stars_per_tile)
-        tile_classes = tiles.split(self.layout.row_sizes, problem.tile_classes)
+        star_params = int(flatten_stars(eqx.filter(problem.stars, self.star_filter)).shape[1])
+        tile_classes = (tiles.split(self.layout.row_sizes, problem.tile_classes) if problem.tile_classes
+                        else choose_tile_classes(tiles, self.layout.row_sizes, star_params))
         self.system = System(
             index={k: jnp.asarray(v) for k, v in problem.index.items()},
             columns=jnp.asarray(self.layout.columns(groups)),

@@ -176,9 +176,8 @@ class Tiles:
 
         A tile's fill costs (its columns)^2, and tiles differ (a field's edge is seen by fewer
         visits than its centre): padding every tile to the widest overall wasted ~2x here.
-        Each class is compiled on its own. On medium, 4 classes compile the joint step 0.7 s
-        faster than 8 and run it 3 % slower; but where widths spread more (huge: 352 to 2 576
-        columns) the padding of 4 classes costs more than their compilation saves.
+        Each class is compiled on its own: `choose_tile_classes` weighs the two. (On medium, 4
+        classes compile the joint step 0.7 s faster than 8 and run it 3 % slower.)
         """
         used = [(g < _NO_GROUP).sum(axis=1) for g in self.groups]  # (T,) groups per leaf
         columns = sum(u * p for u, p in zip(used, row_sizes))
@@ -193,6 +192,29 @@ class Tiles:
                                  tuple(g[idx, :w] for g, w in zip(self.groups, widths)), self.stars_per_tile,
                                  self.padding))
         return tuple(classes)
+
+
+def fill_flops(classes: tuple[Tiles, ...], row_sizes: tuple[int, ...], star_params: int) -> float:
+    """Flops of one step's fill over padded tile classes: per tile a (W x S q) (S q x W) product."""
+    return float(sum(2.0 * t.stars.shape[0] * t.stars_per_tile * star_params
+                     * sum(g.shape[1] * p for g, p in zip(t.groups, row_sizes)) ** 2 for t in classes))
+
+
+def choose_tile_classes(tiles: Tiles, row_sizes: tuple[int, ...], star_params: int,
+                 extra_flops: float = 5e9) -> tuple[Tiles, ...]:
+    """`tiles.split` into the fewest of 2, 4 or 8 classes whose padding adds less than
+    `extra_flops` per step to the fill of 8 classes. Each class compiles its own fill (~0.2 s);
+    5 GFlop is ~0.07 s of a step here. Measured fill work for 2/4/8 classes (GFlop per step):
+    medium astrometry 39.5/35.0/30.9 (-> 4), large 228/177/158 and huge 3 453/2 873/2 462 (-> 8);
+    photometry (one flux per star) medium 1.6/1.4/1.2 and large 9.1/7.3/6.5 (-> 2), huge
+    180/132/117 (-> 8: 2 classes made its photometry ~6 s slower)."""
+    finest = tiles.split(row_sizes, 8)
+    limit = fill_flops(finest, row_sizes, star_params) + extra_flops
+    for n in (2, 4):
+        classes = tiles.split(row_sizes, n)
+        if fill_flops(classes, row_sizes, star_params) < limit:
+            return classes
+    return finest
 
 
 def rank_in_groups(counts: np.ndarray) -> np.ndarray:
