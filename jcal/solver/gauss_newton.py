@@ -149,13 +149,11 @@ class Solver:
         self.n_stars = s
         self.sizes = {
             "measurements": self.n_real, "stars": self.stars_real, "mapping_parameters": self.layout.size,
-            "star_parameters": int(flatten_stars(eqx.filter(problem.stars, self.star_filter)).size
-                                   * self.stars_real // s),
+            "star_parameters": star_params * self.stars_real,
             "padded_measurements": n, "padded_stars": s,
             "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
             "tile_width": int(tiles.measurements.shape[1]),
-            "tile_columns": [int(sum(g.shape[1] * p for g, p in zip(t.groups, self.layout.row_sizes)))
-                             for t in tile_classes],
+            "tile_columns": [t.columns(self.layout.row_sizes) for t in tile_classes],
         }
 
     # -- padding ---------------------------------------------------------------------------------
@@ -481,8 +479,9 @@ class Solver:
         the result is the joint optimum for its final outlier set, as with full refits only.
         The first clean scoring also re-admits rejected measurements that fit the solution
         (`readmit`) before that full refit. Only once: a second re-admission found a few dozen
-        terms on large (of 0.5 M) and cost a full step and a scoring for a 1e-5 chi2 change. `refit_*` run a fitting stage and return the new
-        state; `star_mask(state)` is the star-parameter mask of `reject_outliers`.
+        terms on large (of 0.5 M) and cost a full step and a scoring for a 1e-5 chi2 change.
+        `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
+        star-parameter mask of `reject_outliers`.
         """
         fully_refit, readmitted = True, False
         outside_before = state.weights == 0  # e.g. unusable fluxes: never outliers, never re-admitted

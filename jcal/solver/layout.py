@@ -171,6 +171,10 @@ class Tiles:
             groups.append(g)
         return cls(stars, measurements, star_local, tuple(slots), tuple(groups), stars_per_tile, n)
 
+    def columns(self, row_sizes: tuple[int, ...]) -> int:
+        """Mapping columns of a (padded) tile: the width of its fill."""
+        return int(sum(g.shape[1] * p for g, p in zip(self.groups, row_sizes)))
+
     def split(self, row_sizes: tuple[int, ...], n_classes: int = 8) -> tuple["Tiles", ...]:
         """Tiles in `n_classes` classes of similar width, each padded to its own widest tile.
 
@@ -196,8 +200,8 @@ class Tiles:
 
 def fill_flops(classes: tuple[Tiles, ...], row_sizes: tuple[int, ...], star_params: int) -> float:
     """Flops of one step's fill over padded tile classes: per tile a (W x S q) (S q x W) product."""
-    return float(sum(2.0 * t.stars.shape[0] * t.stars_per_tile * star_params
-                     * sum(g.shape[1] * p for g, p in zip(t.groups, row_sizes)) ** 2 for t in classes))
+    return float(sum(2.0 * t.stars.shape[0] * t.stars_per_tile * star_params * t.columns(row_sizes) ** 2
+                     for t in classes))
 
 
 def choose_tile_classes(tiles: Tiles, row_sizes: tuple[int, ...], star_params: int,
