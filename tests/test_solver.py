@@ -116,15 +116,20 @@ def dense_solution(problem, solver, mmask):
     return theta, float(jnp.sum(res(theta) ** 2)), free
 
 
-@pytest.mark.parametrize("stars_per_tile", [8, 64])
-def test_schur_solution_matches_dense_least_squares(stars_per_tile):
+@pytest.mark.parametrize("stars_per_tile, reuse_factor", [(8, False), (64, False), (8, True)])
+def test_schur_solution_matches_dense_least_squares(stars_per_tile, reuse_factor):
     problem, truth = make_problem(stars_per_tile=stars_per_tile)
+    problem.reuse_factor = reuse_factor
     solver = Solver(problem)
     mmask = gauge_mask(solver, problem.mapping)
     state = solver.new_state(problem.mapping, problem.stars, np.ones(len(problem.index["star"])), np.ones(60))
     state = solver.run_stage(state, "all", fit_mapping=True, fit_stars=True, mapping_mask=mmask,
                              star_mask=np.ones((60, 2)), max_iterations=10, tolerance=1e-12)
     theta, chi2_dense, free = dense_solution(problem, solver, mmask)
+    # with reuse_factor, steps after the first solve by conjugate gradients (assembled: 0 iterations)
+    cg = [h["cg_iterations"] for h in state.history]
+    assert cg[0] == 0 and (all(k > 0 for k in cg[1:]) if reuse_factor else not any(cg))
+    assert len(cg) > 1
     c_m, c_s = solver.chi2(state)
     assert abs(c_m.sum() + c_s.sum() - chi2_dense) < 1e-6 * chi2_dense
     (pm, _), (ps, _) = solver.split(state.mapping, solver.real_stars(state.stars))
@@ -135,6 +140,25 @@ def test_schur_solution_matches_dense_least_squares(stars_per_tile):
     ndof = solver.ndof(state, mmask, np.ones((60, 2)))
     assert ndof == 2 * 240 + 2 * 20 - int(mmask.sum()) - 120
     assert 0.6 < (c_m.sum() + c_s.sum()) / ndof < 1.5
+
+
+def test_conjugate_gradients_short_of_convergence_fall_back_to_assembly(monkeypatch):
+    """A stale factor that cannot precondition the step in time: the step assembles instead (and
+    refreshes the factor), so the fit is the same."""
+    import jcal.solver.gauss_newton as gn
+
+    monkeypatch.setattr(gn, "CG_ITERATIONS", 1)
+    problem, _ = make_problem()
+    problem.reuse_factor = True
+    solver = Solver(problem)
+    mmask = gauge_mask(solver, problem.mapping)
+    state = solver.new_state(problem.mapping, problem.stars, np.ones(240), np.ones(60))
+    state = solver.run_stage(state, "all", fit_mapping=True, fit_stars=True, mapping_mask=mmask,
+                             star_mask=np.ones((60, 2)), max_iterations=10, tolerance=1e-12)
+    assert [h["cg_iterations"] for h in state.history] == [0] * len(state.history)
+    _, chi2_dense, _ = dense_solution(problem, solver, mmask)
+    c_m, c_s = solver.chi2(state)
+    assert abs(c_m.sum() + c_s.sum() - chi2_dense) < 1e-6 * chi2_dense
 
 
 def test_degenerate_system_names_parameters():

@@ -28,14 +28,16 @@ from scipy import special, stats
 from jcal_models import parameter_filter
 
 from .compile import brief_jit
-from .layout import BlockGroups, ParameterLayout, Tiles, bucket, choose_tile_classes, rank_in_groups
+from .layout import BlockGroups, ParameterLayout, Tiles, bucket, choose_tile_classes, fill_flops, rank_in_groups
 from .peeling import StarTerms, peel
-from .normal_equations import (System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
-                               measurement_terms, solve_step)
+from .normal_equations import (Preconditioner, System, TileSet, chi2_terms, implicit_cotangents, leave_one_out_chi2,
+                               linear_terms, measurement_terms, solve_step)
 
 log = logging.getLogger("jcal.solver")
 
 
+CG_ABOVE_FLOPS = 50e9  # fill work per step above which joint steps reuse an earlier factor
+CG_ITERATIONS = 30  # conjugate-gradient iterations before a joint step assembles its matrix instead
 STARS_ONLY_BELOW = 1e-3  # outlier rounds rejecting fewer than this fraction of the terms refit only the stars
 
 
@@ -68,6 +70,10 @@ class StructuredProblem:
     # Tiles are padded per class of similar width (`Tiles.split`); each class compiles its own
     # fill. None: as few classes as pad the fill little (`layout.choose_tile_classes`).
     tile_classes: int | None = None
+    # Joint steps after the first solve the reduced system by conjugate gradients preconditioned
+    # by the last assembled one (`normal_equations.Preconditioner`). None: when the fill costs
+    # more than `CG_ABOVE_FLOPS` per step.
+    reuse_factor: bool | None = None
 
 
 @dataclass
@@ -90,6 +96,7 @@ _terms = jax.jit(linear_terms, static_argnames=("residual_fn", "prior_fn", "mapp
 # The joint step is costly to run; the others are cheap and compile for compile speed.
 _solve_joint = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
 _solve_partial = brief_jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
+_solve_cg = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars", "cg_iterations"))
 _chi2 = brief_jit(chi2_terms)
 _deleted_chi2 = brief_jit(leave_one_out_chi2)
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
@@ -143,6 +150,9 @@ class Solver:
                                 tuple(jnp.asarray(s) for s in t.slots), tuple(jnp.asarray(g) for g in t.groups))
                         for t in tile_classes),
         )
+        fill = fill_flops(tile_classes, self.layout.row_sizes, star_params)
+        self.reuse_factor = problem.reuse_factor if problem.reuse_factor is not None else fill > CG_ABOVE_FLOPS
+        self._preconditioner: Preconditioner | None = None  # from the last assembled joint step
         self.data = jax.tree.map(jnp.asarray, problem.data)
         self.star_data = None if problem.star_data is None else jax.tree.map(jnp.asarray, problem.star_data)
         self.n_measurements = n  # padded sizes, as the device arrays have them
@@ -154,6 +164,7 @@ class Solver:
             "block_groups": int(blocks.members.shape[0]), "tiles": int(tiles.measurements.shape[0]),
             "tile_width": int(tiles.measurements.shape[1]),
             "tile_columns": [t.columns(self.layout.row_sizes) for t in tile_classes],
+            "fill_gflop": round(fill / 1e9, 1),
         }
 
     # -- padding ---------------------------------------------------------------------------------
@@ -259,7 +270,8 @@ class Solver:
             if not math.isfinite(chi2_new):
                 raise FitError(f"stage {name!r}: chi2 exploded to {chi2_new} at iteration {iteration}")
             state.history.append({"stage": name, "iteration": iteration, "chi2": min(chi2_new, chi2_old),
-                                  "step_fraction": alpha, "seconds": time.perf_counter() - t0})
+                                  "step_fraction": alpha, "cg_iterations": int(step.iterations),
+                                  "seconds": time.perf_counter() - t0})
             if chi2_new > chi2_old:  # no descent even for tiny steps: at the minimum
                 converged = True
                 break
@@ -296,10 +308,24 @@ class Solver:
         return terms
 
     def _solve(self, terms, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
-               damping: float = 0.0):
+               damping: float = 0.0, direct: bool = False):
+        """One step from `terms`. A joint step reuses the last assembled reduced matrix when it can
+        (`reuse_factor`, undamped, not `direct`): conjugate gradients preconditioned by its factor,
+        falling back to assembling (which refreshes the factor) if they do not converge."""
+        joint = fit_mapping and fit_stars and self.layout.size > 0
+        args = (jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
+        if joint and self._preconditioner is not None and not direct and damping == 0.0:
+            step = _solve_cg(self.layout, True, True, terms, self._system_for(True, False), *args,
+                             preconditioner=self._preconditioner, cg_iterations=CG_ITERATIONS)
+            if bool(step.cholesky_ok):
+                return step
+            log.debug("conjugate gradients short of convergence after %d iterations: assembling the reduced "
+                      "matrix", int(step.iterations))
         solve = _solve_joint if fit_mapping and fit_stars else _solve_partial
-        return solve(self.layout, fit_mapping, fit_stars, terms, self._system_for(fit_mapping, fit_stars),
-                      jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
+        step = solve(self.layout, fit_mapping, fit_stars, terms, self._system_for(fit_mapping, fit_stars), *args)
+        if joint and self.reuse_factor and damping == 0.0 and bool(step.cholesky_ok):
+            self._preconditioner = Preconditioner.of(step)
+        return step
 
     def _apply(self, state: FitState, pm, ps, step, alpha: float, move_mapping: bool = True) -> FitState:
         """The state moved by alpha times the step (the mapping object kept when it does not move)."""
@@ -538,7 +564,7 @@ class Solver:
         of the reduced normal matrix of a full step (fixed parameters: zero rows and columns)."""
         smask = self._effective_star_mask(state, star_mask)
         step = self._solve(self._linear_terms(state, True), True, True, state.weights, state.star_weights,
-                           jnp.asarray(mapping_mask), smask)
+                           jnp.asarray(mapping_mask), smask, direct=True)
         diag = np.asarray(step.reduced_diagonal)
         d = 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0))
         factor = scipy.linalg.cho_factor(np.asarray(step.scaled_matrix), lower=True)

@@ -15,6 +15,12 @@ J is never formed over all parameters: `jax.vmap(jax.jacrev(...))` gives each me
 H_mm is accumulated per block group (a detector-visit) as one batched matmul; the fill
 H_ms H_ss^-1 H_sm per spatial tile of stars as a dense matmul in tile-local coordinates; both
 are scattered as (p_k x p_l) windows into a block matrix, never element by element.
+
+The fill is most of a step's work on large problems, and the reduced matrix changes little
+from one step to the next (the mapping is nearly linear in its coefficients; outlier rounds
+reweight a few terms). So a step may instead solve the reduced system by conjugate gradients,
+with matrix-free products (two passes over the Jacobian blocks) preconditioned by the Cholesky
+factor of an earlier step's reduced matrix (`Preconditioner`): a few products replace the fill.
 """
 
 from __future__ import annotations
@@ -62,7 +68,21 @@ class Step(NamedTuple):
     reduced_diagonal: jax.Array  # (N,) diagonal of the reduced system (to name degeneracies)
     cholesky_ok: jax.Array  # bool
     predicted_decrease: jax.Array = 0.0  # chi2 decrease of the full step if the model were linear
-    scaled_matrix: jax.Array | None = None  # Jacobi-scaled reduced matrix (None: mapping not fitted)
+    scaled_matrix: jax.Array | None = None  # Jacobi-scaled reduced matrix (None: not assembled)
+    factor: jax.Array | None = None  # (N, N) its Cholesky factor (None: not assembled)
+    iterations: jax.Array = 0  # conjugate-gradient iterations (0: direct solve)
+
+
+class Preconditioner(NamedTuple):
+    """An earlier step's reduced matrix, Jacobi-scaled and factored, to precondition CG solves."""
+
+    factor: jax.Array  # (N, N) lower Cholesky factor of D H D
+    scale: jax.Array  # (N,) D = 1 / sqrt(diag H)
+
+    @classmethod
+    def of(cls, step: "Step") -> "Preconditioner":
+        diag = step.reduced_diagonal
+        return cls(step.factor, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)))
 
 
 def _flat_rows(tree, d: int) -> jax.Array:
@@ -275,7 +295,8 @@ def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
 
 def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, terms: Terms, system: System,
                weights: jax.Array, star_weights: jax.Array, mapping_mask: jax.Array, star_mask: jax.Array,
-               damping: jax.Array = 0.0) -> Step:
+               damping: jax.Array = 0.0, preconditioner: Preconditioner | None = None,
+               cg_tolerance: float = 1e-10, cg_iterations: int = 30) -> Step:
     """One Gauss-Newton step (minimising 0.5 |r|^2) from `linear_terms` (with `jm` when
     `fit_mapping`), which the solver runs as a separate program: every kind of step and the
     outlier scoring share that linearisation, the costliest program to compile.
@@ -286,6 +307,10 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
     for near-singular systems only. The step also returns that scaled reduced matrix
     (undamped): it names degeneracies and gives the mapping covariance without compiling a
     second program.
+
+    With a `preconditioner` (and stars fitted) the reduced system is solved by preconditioned
+    conjugate gradients to a relative residual of `cg_tolerance` within `cg_iterations` (then
+    `cholesky_ok` says whether it got there): the fill is never formed, and no matrix is returned.
     """
     n_map = layout.size
     lin = weigh(terms, system, weights, star_weights, mapping_mask, star_mask, fit_mapping and n_map > 0)
@@ -297,14 +322,70 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
         return Step(jnp.zeros(n_map), ds, lin.chi2, jnp.zeros(n_map), jnp.all(jnp.isfinite(ds)),
                     jnp.sum(lin.b_s * ds))
 
-    b_gradient = jnp.zeros(n_map).at[system.columns].add(-jnp.einsum("ndp,nd->np", lin.jm, lin.r))  # -J_m^T r
+    b_gradient = _scatter_columns(system, lin.jm, -lin.r, n_map)  # -J_m^T r
+    if preconditioner is not None and fit_stars:
+        dm, ds, iterations, ok = _schur_cg(system, lin, l_s, b_gradient, lin.b_s, mapping_mask, preconditioner,
+                                           cg_tolerance, cg_iterations)
+        dm, ds = dm * mapping_mask, ds * star_mask
+        predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
+        return Step(dm, ds, lin.chi2, 1.0 / preconditioner.scale**2, ok, predicted, iterations=iterations)
     c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
-    dm, ds, diag, ok, scaled = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s, mapping_mask,
-                                            damping)
+    dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s,
+                                                    mapping_mask, damping)
     dm, ds = dm * mapping_mask, ds * star_mask
     # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
     predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled)
+    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled, factor)
+
+
+def _scatter_columns(system: System, jm: jax.Array, w: jax.Array, n_map: int) -> jax.Array:
+    """J_m^T w: (N,) from per-measurement (n, d) vectors."""
+    return jnp.zeros(n_map).at[system.columns].add(jnp.einsum("ndp,nd->np", jm, w))
+
+
+def _reduced_product(system: System, lin: Linearised, l_s: jax.Array, mapping_mask: jax.Array,
+                     v: jax.Array) -> jax.Array:
+    """(H_mm - H_ms H_ss^-1 H_sm) v, fixed parameters as identity rows, without forming the
+    matrix: J_m^T (I - J_s H_ss^-1 J_s^T) J_m v, two passes over the (n, d, P) blocks."""
+    star = system.index["star"]
+    u = jnp.einsum("ndp,np->nd", lin.jm, v[system.columns])
+    t = jax.ops.segment_sum(jnp.einsum("ndq,nd->nq", lin.js, u), star, l_s.shape[0])
+    u = u - jnp.einsum("ndq,nq->nd", lin.js, small.cho_solve(l_s, t)[star])
+    return _scatter_columns(system, lin.jm, u, v.shape[0]) + (1.0 - mapping_mask) * v
+
+
+def _schur_cg(system: System, lin: Linearised, l_s, b_m, b_s, mapping_mask, preconditioner: Preconditioner,
+              tolerance: float, max_iterations: int):
+    """`_schur_solve` with the reduced system solved by preconditioned conjugate gradients, in
+    the preconditioner's Jacobi scaling. Returns (x_m, x_s, iterations, converged)."""
+    star = system.index["star"]
+    y_s = small.cho_solve(l_s, b_s)
+    b = b_m - _scatter_columns(system, lin.jm, jnp.einsum("ndq,nq->nd", lin.js, y_s[star]), b_m.shape[0])
+    d = preconditioner.scale
+    apply = lambda z: d * _reduced_product(system, lin, l_s, mapping_mask, d * z)  # noqa: E731
+    precondition = lambda r: cho_solve((preconditioner.factor, True), r)  # noqa: E731
+    rhs = d * b
+    goal = (tolerance * jnp.linalg.norm(rhs)) ** 2
+
+    def iterate(state):
+        k, z, r, p, rz = state
+        ap = apply(p)
+        alpha = rz / jnp.dot(p, ap)
+        z, r = z + alpha * p, r - alpha * ap
+        s = precondition(r)
+        rz_new = jnp.dot(r, s)
+        return k + 1, z, r, s + (rz_new / rz) * p, rz_new
+
+    z0 = precondition(rhs)
+    r0 = rhs - apply(z0)
+    s0 = precondition(r0)
+    k, z, r, _, _ = jax.lax.while_loop(lambda st: (st[0] < max_iterations) & (jnp.dot(st[2], st[2]) > goal),
+                                       iterate, (0, z0, r0, s0, jnp.dot(r0, s0)))
+    x_m = d * z
+    back = jax.ops.segment_sum(jnp.einsum("ndq,nd->nq", lin.js, jnp.einsum("ndp,np->nd", lin.jm, x_m[system.columns])),
+                               star, y_s.shape[0])
+    ok = (jnp.dot(r, r) <= goal) & jnp.all(jnp.isfinite(x_m))
+    return x_m, small.cho_solve(l_s, b_s - back), k, ok
 
 
 def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, c, gs, b_m, b_s, mapping_mask,
@@ -312,7 +393,8 @@ def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, 
     """Solve [H_mm H_ms; H_sm H_ss] [x_m; x_s] = [b_m; b_s] by eliminating the stars.
 
     c, gs: `_fill_factors` (None when the stars are held fixed: then x_s = 0).
-    Returns (x_m, x_s, diagonal of the reduced matrix, Cholesky ok, Jacobi-scaled reduced matrix).
+    Returns (x_m, x_s, diagonal of the reduced matrix, Cholesky ok, Jacobi-scaled reduced matrix,
+    its Cholesky factor).
     """
     star = system.index["star"]
     y_s = small.cho_solve(l_s, b_s)  # H_ss^-1 b_s
@@ -325,10 +407,11 @@ def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, 
     scaled = h * d[:, None] * d[None, :]
     factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(layout.size))
     x_m = d * cho_solve((factor, True), b_m * d)
+    ok = jnp.all(jnp.isfinite(factor))
     if c is None:
-        return x_m, jnp.zeros_like(y_s), diag, jnp.all(jnp.isfinite(factor)), scaled
+        return x_m, jnp.zeros_like(y_s), diag, ok, scaled, factor
     back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, x_m[system.columns]), star, y_s.shape[0])
-    return x_m, small.cho_solve(l_s, b_s - back), diag, jnp.all(jnp.isfinite(factor)), scaled
+    return x_m, small.cho_solve(l_s, b_s - back), diag, ok, scaled, factor
 
 
 def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
@@ -348,7 +431,7 @@ def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping,
                     weights, star_weights, mapping_mask, star_mask)
     l_s = _star_cholesky(lin.h_ss)
     c, gs = _fill_factors(lin, l_s, star)
-    v_m, v_s, _, _, _ = _schur_solve(layout, system, lin, l_s, c, gs, bar_m * mapping_mask, bar_s * star_mask,
+    v_m, v_s, _, _, _, _ = _schur_solve(layout, system, lin, l_s, c, gs, bar_m * mapping_mask, bar_s * star_mask,
                                      mapping_mask)
     v_m, v_s = v_m * mapping_mask, v_s * star_mask
     # J v per measurement and per prior (weighted like the residuals)
