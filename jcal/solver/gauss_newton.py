@@ -96,7 +96,8 @@ _terms = jax.jit(linear_terms, static_argnames=("residual_fn", "prior_fn", "mapp
 # The joint step is costly to run; the others are cheap and compile for compile speed.
 _solve_joint = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
 _solve_partial = brief_jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars"))
-_solve_cg = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars", "cg_iterations"))
+_solve_cg = jax.jit(solve_step, static_argnames=("layout", "fit_mapping", "fit_stars", "precondition",
+                                                 "cg_iterations"))
 _chi2 = brief_jit(chi2_terms)
 _deleted_chi2 = brief_jit(leave_one_out_chi2)
 _implicit = jax.jit(implicit_cotangents, static_argnums=(0, 1, 2))
@@ -309,15 +310,19 @@ class Solver:
 
     def _solve(self, terms, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
                damping: float = 0.0, direct: bool = False):
-        """One step from `terms`. A joint step reuses the last assembled reduced matrix when it can
-        (`reuse_factor`, undamped, not `direct`): conjugate gradients preconditioned by its factor,
-        falling back to assembling (which refreshes the factor) if they do not converge."""
+        """One step from `terms`. With `reuse_factor` (undamped, not `direct`), a joint step solves
+        by conjugate gradients, preconditioned by the factor of an earlier step's reduced matrix,
+        or for the first one by its own with the fill in float32 (half the work), kept for the
+        next; if they do not converge, the step assembles the exact matrix (and keeps its factor)."""
         joint = fit_mapping and fit_stars and self.layout.size > 0
         args = (jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
-        if joint and self._preconditioner is not None and not direct and damping == 0.0:
-            step = _solve_cg(self.layout, True, True, terms, self._system_for(True, False), *args,
-                             preconditioner=self._preconditioner, cg_iterations=CG_ITERATIONS)
+        if joint and self.reuse_factor and not direct and damping == 0.0:
+            fresh = self._preconditioner is None
+            step = _solve_cg(self.layout, True, True, terms, self._system_for(True, fresh), *args,
+                             preconditioner=self._preconditioner, precondition=fresh, cg_iterations=CG_ITERATIONS)
             if bool(step.cholesky_ok):
+                if fresh:
+                    self._preconditioner = Preconditioner.of(step)
                 return step
             log.debug("conjugate gradients short of convergence after %d iterations: assembling the reduced "
                       "matrix", int(step.iterations))

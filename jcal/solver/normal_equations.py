@@ -81,8 +81,18 @@ class Preconditioner(NamedTuple):
 
     @classmethod
     def of(cls, step: "Step") -> "Preconditioner":
-        diag = step.reduced_diagonal
-        return cls(step.factor, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)))
+        """From an assembled step (`step.factor` not None)."""
+        return cls(step.factor, _jacobi_scale(step.reduced_diagonal))
+
+    @classmethod
+    def of_matrix(cls, h: jax.Array) -> "Preconditioner":
+        """From a reduced matrix (N, N)."""
+        d = _jacobi_scale(jnp.diagonal(h))
+        return cls(jnp.linalg.cholesky(h * d[:, None] * d[None, :]), d)
+
+
+def _jacobi_scale(diag: jax.Array) -> jax.Array:
+    return 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
 
 
 def _flat_rows(tree, d: int) -> jax.Array:
@@ -146,8 +156,10 @@ def chi2_terms(terms: "Terms", weights, star_weights):
     return chi2_m, star_weights * jnp.sum(terms.rp**2, axis=1)
 
 
-def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs: jax.Array | None):
-    """Dense reduced normal matrix (N, N): H_mm - fill.
+def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs: jax.Array | None,
+                     fill_dtype=jnp.float64):
+    """Dense reduced normal matrix (N, N): H_mm - fill, the fill's products in `fill_dtype`
+    (float32 for a preconditioner: half the work, accumulated in float64).
 
     jm: (n, d, P) whitened, weighted, masked mapping Jacobians.
     gs: (n, q, P) = L_s^-1 (J_s^T J_m) per measurement, or None when stars are fixed.
@@ -169,7 +181,7 @@ def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs:
                 hkl, mode="drop")
 
     if gs is not None:
-        blocks = _subtract_fill(layout, system, gs, blocks)
+        blocks = _subtract_fill(layout, system, gs.astype(fill_dtype), blocks)
 
     rows = [jnp.concatenate([blocks[k, l].transpose(0, 2, 1, 3).reshape(
         layout.n_groups[k] * layout.row_sizes[k], layout.n_groups[l] * layout.row_sizes[l])
@@ -180,7 +192,7 @@ def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs:
 def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, blocks: dict) -> dict:
     """blocks -= sum over stars of B_s H_ss^-1 B_s^T, one spatial tile of stars at a time."""
     q = gs.shape[1]
-    pad_g = jnp.concatenate([gs, jnp.zeros((1,) + gs.shape[1:])], axis=0)
+    pad_g = jnp.concatenate([gs, jnp.zeros((1,) + gs.shape[1:], gs.dtype)], axis=0)
     splits = list(layout.local_offsets[1:])
     n_leaves = len(layout.row_sizes)
 
@@ -190,7 +202,7 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
         phis = []
         for k, gk in enumerate(jnp.split(g, splits, axis=2)):  # (M, q, p_k)
             kk = groups[k].shape[0]
-            phi = jnp.zeros((kk, layout.row_sizes[k], n_star_slots, q))
+            phi = jnp.zeros((kk, layout.row_sizes[k], n_star_slots, q), gs.dtype)
             phi = phi.at[slots[k], :, star_local, :].add(gk.transpose(0, 2, 1))
             phis.append(phi.reshape(kk * layout.row_sizes[k], n_star_slots * q))
         phi = jnp.concatenate(phis, axis=0)  # (N_tile, stars*q)
@@ -202,7 +214,7 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
             for l, fkl in enumerate(jnp.split(fk, cuts, axis=1)):
                 kk, kl = groups[k].shape[0], groups[l].shape[0]
                 part = fkl.reshape(kk, layout.row_sizes[k], kl, layout.row_sizes[l]).transpose(0, 2, 1, 3)
-                new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(-part, mode="drop")
+                new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(-part.astype(new[k, l].dtype), mode="drop")
         return new, None
 
     for tiles in system.tiles:
@@ -296,7 +308,7 @@ def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
 def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, terms: Terms, system: System,
                weights: jax.Array, star_weights: jax.Array, mapping_mask: jax.Array, star_mask: jax.Array,
                damping: jax.Array = 0.0, preconditioner: Preconditioner | None = None,
-               cg_tolerance: float = 1e-10, cg_iterations: int = 30) -> Step:
+               precondition: bool = False, cg_tolerance: float = 1e-10, cg_iterations: int = 30) -> Step:
     """One Gauss-Newton step (minimising 0.5 |r|^2) from `linear_terms` (with `jm` when
     `fit_mapping`), which the solver runs as a separate program: every kind of step and the
     outlier scoring share that linearisation, the costliest program to compile.
@@ -311,6 +323,8 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
     With a `preconditioner` (and stars fitted) the reduced system is solved by preconditioned
     conjugate gradients to a relative residual of `cg_tolerance` within `cg_iterations` (then
     `cholesky_ok` says whether it got there): the fill is never formed, and no matrix is returned.
+    With `precondition` (and no `preconditioner`), the step makes its own: the reduced matrix
+    with its fill in float32, factored; it is returned (`factor`) for later steps to reuse.
     """
     n_map = layout.size
     lin = weigh(terms, system, weights, star_weights, mapping_mask, star_mask, fit_mapping and n_map > 0)
@@ -323,12 +337,17 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
                     jnp.sum(lin.b_s * ds))
 
     b_gradient = _scatter_columns(system, lin.jm, -lin.r, n_map)  # -J_m^T r
+    if precondition and preconditioner is None and fit_stars:
+        _, gs = _fill_factors(lin, l_s, star)
+        h = assemble_reduced(layout, system, lin.jm, gs, jnp.float32) + jnp.diag(1.0 - mapping_mask)
+        preconditioner = Preconditioner.of_matrix(h)
     if preconditioner is not None and fit_stars:
         dm, ds, iterations, ok = _schur_cg(system, lin, l_s, b_gradient, lin.b_s, mapping_mask, preconditioner,
                                            cg_tolerance, cg_iterations)
         dm, ds = dm * mapping_mask, ds * star_mask
         predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-        return Step(dm, ds, lin.chi2, 1.0 / preconditioner.scale**2, ok, predicted, iterations=iterations)
+        return Step(dm, ds, lin.chi2, 1.0 / preconditioner.scale**2, ok, predicted,
+                    factor=preconditioner.factor if precondition else None, iterations=iterations)
     c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
     dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s,
                                                     mapping_mask, damping)
@@ -403,7 +422,7 @@ def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, 
     h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
     diag = jnp.diagonal(h)
     # Jacobi scaling keeps Cholesky accurate when parameter scales differ by many decades
-    d = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    d = _jacobi_scale(diag)
     scaled = h * d[:, None] * d[None, :]
     factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(layout.size))
     x_m = d * cho_solve((factor, True), b_m * d)
