@@ -176,7 +176,7 @@ def _relabel_subset(labels: np.ndarray, nodes: np.ndarray, pairs: np.ndarray) ->
 
 
 def _neighbour_pairs(xyz: np.ndarray, visit: np.ndarray, chord: float) -> tuple[np.ndarray, np.ndarray]:
-    """Links of the friends-of-friends graph: (p, 2) pairs i < j and their (p,) chord lengths.
+    """Links of the friends-of-friends graph: (p, 2) undirected pairs and their (p,) chord lengths.
 
     Each detection is linked to its nearest (up to _MAX_NEIGHBOURS) detections of *other*
     visits within `chord`. All pairs within the radius would number ~visits^2 per star;
@@ -184,25 +184,26 @@ def _neighbour_pairs(xyz: np.ndarray, visit: np.ndarray, chord: float) -> tuple[
     being each other's nearest neighbours, stay connected.
     """
     n = xyz.shape[0]
+    if n == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0)
     k = min(_MAX_NEIGHBOURS + 1, n)  # +1: a point is its own nearest neighbour
     tree = cKDTree(xyz)
-    keys = []
+    found, reach = [], np.full(n, np.inf)  # reach: distance of a point's k-th neighbour (inf: fewer)
     for start in range(0, n, _QUERY_CHUNK):  # bounded (chunk, k) temporaries
         stop = min(start + _QUERY_CHUNK, n)
-        _, j = tree.query(xyz[start:stop], k=k, distance_upper_bound=chord * (1 + 1e-12), workers=-1)
-        j = j.reshape(stop - start, k)
+        d, j = tree.query(xyz[start:stop], k=k, distance_upper_bound=chord * (1 + 1e-12), workers=-1)
+        d, j = d.reshape(stop - start, k), j.reshape(stop - start, k)
+        reach[start:stop] = d[:, -1]
         i = np.broadcast_to(np.arange(start, stop)[:, None], j.shape)
-        ok = j < n
-        i, j = i[ok], j[ok]
+        ok = (j < n) & (d <= chord)
+        i, j, d = i[ok], j[ok], d[ok]
         ok = visit[i] != visit[j]  # one visit never sees a star twice (also drops i == j)
-        i, j = i[ok], j[ok]
-        keys.append(np.minimum(i, j) * n + np.maximum(i, j))  # undirected edge id
-    key = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    key = key[_first_of_runs(key)]  # (np.unique's hash path is several times slower here)
-    pairs = np.stack([key // n, key % n], axis=1).astype(np.int64)
-    dist = np.linalg.norm(xyz[pairs[:, 0]] - xyz[pairs[:, 1]], axis=1)
-    keep = dist <= chord
-    return pairs[keep], dist[keep]
+        found.append((i[ok], j[ok], d[ok]))
+    i, j, dist = (np.concatenate(parts) for parts in zip(*found))
+    # an edge i > j is also found from j unless i lies beyond j's k-th neighbour: keep it only
+    # then (ties kept too: a duplicate edge is harmless), which avoids sorting all edges
+    keep = (i < j) | (dist >= reach[j])
+    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64), dist[keep]
 
 
 def _group(xyz: np.ndarray, visit: np.ndarray, radius_rad: float) -> tuple[np.ndarray, int]:
