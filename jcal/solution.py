@@ -83,7 +83,7 @@ class AstrometricSolution:
         for start in range(0, x.size, chunk):
             part = slice(start, min(start + chunk, x.size))
             pad = lambda a: np.concatenate([a[part], np.repeat(a[:1], chunk - (part.stop - start))])  # noqa: E731
-            r, d = _evaluate(self.model, {k: jnp.asarray(pad(v)) for k, v in index.items()}, jnp.asarray(pad(x)),
+            r, d = evaluate_model(self.model, {k: jnp.asarray(pad(v)) for k, v in index.items()}, jnp.asarray(pad(x)),
                              jnp.asarray(pad(y)))
             ra[part], dec[part] = np.asarray(r)[: part.stop - start], np.asarray(d)[: part.stop - start]
         return ra.reshape(shape), dec.reshape(shape)
@@ -116,7 +116,7 @@ class AstrometricSolution:
                    np.array(meta["ccd_visits"], np.int64).reshape(-1, 2))
 
 
-_evaluate = brief_jit(jm.evaluate)
+evaluate_model = brief_jit(jm.evaluate)  # `jm.evaluate` as one program (eager: one per primitive)
 _EVALUATE_CHUNK = 1 << 17  # points per evaluation call
 
 

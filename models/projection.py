@@ -11,13 +11,15 @@ import jax.numpy as jnp
 DEG = jnp.pi / 180.0
 
 
-def sky_to_tangent(ra, dec, ra0, dec0):
-    """Project (ra, dec) [deg] onto the plane tangent at (ra0, dec0); returns (xi, eta) [deg]."""
+def sky_to_tangent(ra, dec, ra0, dec0, xp=jnp):
+    """Project (ra, dec) [deg] onto the plane tangent at (ra0, dec0); returns (xi, eta) [deg].
+
+    `xp` is the array namespace: jax.numpy in models, numpy for host-side set-up."""
     a, d, a0, d0 = ra * DEG, dec * DEG, ra0 * DEG, dec0 * DEG
-    cos_d, sin_d, cos_d0, sin_d0 = jnp.cos(d), jnp.sin(d), jnp.cos(d0), jnp.sin(d0)
-    cos_da = jnp.cos(a - a0)
+    cos_d, sin_d, cos_d0, sin_d0 = xp.cos(d), xp.sin(d), xp.cos(d0), xp.sin(d0)
+    cos_da = xp.cos(a - a0)
     denom = sin_d * sin_d0 + cos_d * cos_d0 * cos_da
-    xi = cos_d * jnp.sin(a - a0) / denom
+    xi = cos_d * xp.sin(a - a0) / denom
     eta = (sin_d * cos_d0 - cos_d * sin_d0 * cos_da) / denom
     return xi / DEG, eta / DEG
 

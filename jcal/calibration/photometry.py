@@ -101,6 +101,7 @@ from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedF
 
 from ..associate import Association
 from ..sky import unit_vectors
+from ..solution import evaluate_model
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
@@ -806,8 +807,8 @@ def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
         xs.append(edge_u * nx - 0.5)
         ys.append(edge_v * ny - 0.5)
         ds.append(np.full(edge_u.size, di))
-    fx, fy = jm.evaluate(focal, {"detector": jnp.asarray(np.concatenate(ds))}, jnp.asarray(np.concatenate(xs)),
-                         jnp.asarray(np.concatenate(ys)))
+    fx, fy = evaluate_model(focal, {"detector": jnp.asarray(np.concatenate(ds))}, jnp.asarray(np.concatenate(xs)),
+                            jnp.asarray(np.concatenate(ys)))
     fx, fy = np.asarray(fx), np.asarray(fy)
     center = np.array([(fx.max() + fx.min()) / 2, (fy.max() + fy.min()) / 2])
     half = np.maximum(np.array([np.ptp(fx), np.ptp(fy)]) / 2, 1e-9) * 1.01

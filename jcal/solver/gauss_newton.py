@@ -191,11 +191,13 @@ class Solver:
     def split(self, mapping, stars):
         return eqx.partition(mapping, self.mapping_filter), eqx.partition(stars, self.star_filter)
 
-    def mapping_mask(self, mask_tree=None) -> jax.Array:
-        """(N,) 1 for free mapping parameters; `mask_tree` like the fitted leaves, 0/1 arrays."""
+    def mapping_mask(self, mask_tree=None) -> np.ndarray:
+        """(N,) 1 for free mapping parameters; `mask_tree` like the fitted leaves, 0/1 arrays.
+        Host arrays, as the other masks: eager device operations would each compile."""
         if mask_tree is None:
-            return jnp.ones(self.layout.size)
-        return self.layout.flatten(mask_tree).astype(jnp.float64)
+            return np.ones(self.layout.size)
+        leaves = jax.tree.leaves(mask_tree)
+        return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in leaves]) if leaves else np.zeros(0)
 
     def parameter_names(self) -> list[str]:
         """Readable name of every flat mapping parameter."""
@@ -220,14 +222,14 @@ class Solver:
                          jnp.asarray(state.star_weights))
         return np.asarray(c_m), np.asarray(c_s)
 
-    def _effective_star_mask(self, state: FitState, star_mask) -> jax.Array:
+    def _effective_star_mask(self, state: FitState, star_mask) -> np.ndarray:
         """Stars with no unrejected measurement and no prior have nothing to fit: fix them."""
-        star_mask = _pad_rows(np.asarray(star_mask), self.n_stars, 0.0)
+        star_mask = _pad_rows(np.asarray(star_mask, np.float64), self.n_stars, 0.0)
         active = np.bincount(np.asarray(self.problem.index["star"]), weights=state.weights,
                              minlength=self.n_stars)
         if self.problem.prior_dof is not None:
             active = active + state.star_weights * (self.problem.prior_dof > 0)
-        return jnp.asarray(star_mask) * jnp.asarray(active > 0, dtype=jnp.float64)[:, None]
+        return star_mask * (active > 0)[:, None]
 
     def run_stage(self, state: FitState, name: str, *, fit_mapping: bool, fit_stars: bool,
                   mapping_mask: jax.Array, star_mask, max_iterations: int, tolerance: float,
@@ -235,8 +237,8 @@ class Solver:
         """Gauss-Newton iterations until chi2 changes by less than `tolerance` (relative)."""
         smask = self._effective_star_mask(state, star_mask)
         if not fit_stars:
-            smask = jnp.zeros_like(smask)
-        mmask = mapping_mask if fit_mapping else jnp.zeros(self.layout.size)
+            smask = np.zeros_like(smask)
+        mmask = mapping_mask if fit_mapping else np.zeros(self.layout.size)
         weights, star_weights = jnp.asarray(state.weights), jnp.asarray(state.star_weights)
         converged = False
         for iteration in range(max_iterations):
@@ -472,8 +474,8 @@ class Solver:
 
         terms = self._linear_terms(state, False)  # the scoring's, at this state
         smask = np.asarray(smask)
-        r_rows = _host_rows(terms.r, rows)
-        j_rows = _host_rows(terms.js, rows) * smask[star[rows]][:, None, :]
+        r_rows, j_rows = _host_rows((terms.r, terms.js), rows)
+        j_rows = j_rows * smask[star[rows]][:, None, :]
         r = np.zeros(shape + r_rows.shape[1:])
         j = np.zeros(shape + j_rows.shape[1:])
         alive = np.zeros(shape, bool)
@@ -481,8 +483,8 @@ class Solver:
         q = j.shape[-1]
         in_fit = state.star_weights[stars] > 0
         if terms.rp is not None:
-            rp = _host_rows(terms.rp, stars)
-            jp = _host_rows(terms.jp, stars) * smask[stars][:, None, :]
+            rp, jp = _host_rows((terms.rp, terms.jp), stars)
+            jp = jp * smask[stars][:, None, :]
         else:
             rp, jp = np.zeros((len(stars), 0)), np.zeros((len(stars), 0, q))
         prior_alive = in_fit & rejectable[stars] & ~reject_s[stars]
@@ -621,15 +623,16 @@ def _moved(layout: ParameterLayout, move_mapping: bool, pm, ps, delta_mapping, d
     return layout.unflatten(layout.flatten(pm) + alpha * delta_mapping, pm), new_ps
 
 
-_take = brief_jit(lambda a, rows: a[rows])
+_take = brief_jit(lambda arrays, rows: tuple(a[rows] for a in arrays))
 
 
-def _host_rows(a: jax.Array, rows: np.ndarray) -> np.ndarray:
-    """a[rows] gathered on the device and fetched (rows padded to a bucketed count, so that
-    few gather programs compile; eager indexing would compile one per count)."""
+def _host_rows(arrays: tuple[jax.Array, ...], rows: np.ndarray) -> list[np.ndarray]:
+    """a[rows] for each of `arrays`, gathered on the device in one program and fetched (rows
+    padded to a bucketed count, so that few programs compile; eager indexing would compile one
+    per array and count)."""
     padded = np.zeros(bucket(len(rows), minimum=1), np.int64)
     padded[: len(rows)] = rows
-    return np.asarray(_take(a, jnp.asarray(padded)))[: len(rows)]
+    return [np.asarray(a)[: len(rows)] for a in _take(tuple(arrays), jnp.asarray(padded))]
 
 
 def _pad_rows(a: np.ndarray, size: int, fill=None) -> np.ndarray:
