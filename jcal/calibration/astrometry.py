@@ -257,13 +257,16 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
                       tolerance=warm_up)
     state = stage("mappings", True, False, mapping_mask, True, tolerance=warm_up)
     state = stage("stars", False, True, mapping_mask, tolerance=warm_up)
-    state = stage("all", True, True, mapping_mask)
 
     def refit(current: FitState, name: str, fit_mapping: bool) -> FitState:
         nonlocal state
         state = current
         state = stage(name, fit_mapping, True, mapping_mask)
         return state
+
+    state = solver.reject_gross(state, lambda st: refit(st, "stars", False), lambda st: star_mask,
+                                n_sigma=config.outlier_sigma, max_rounds=config.max_outlier_rounds, label="astrometry")
+    state = stage("all", True, True, mapping_mask)
 
     state = solver.reject_until_clean(
         state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False),

@@ -1092,7 +1092,6 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)))
     stage("model", True, False, stars_held_mask)
     stage("stars", False, True, mapping_mask)
-    stage("all", True, True, mapping_mask)
 
     def refit(current: FitState, name: str, fit_mapping: bool) -> FitState:
         nonlocal state
@@ -1100,6 +1099,9 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         stage(name, fit_mapping, True, mapping_mask)
         return state
 
+    state = solver.reject_gross(state, lambda st: refit(st, "stars", False), lambda st: star_mask_now(),
+                                n_sigma=config.outlier_sigma, max_rounds=config.max_outlier_rounds, label="photometry")
+    stage("all", True, True, mapping_mask)
     state = solver.reject_until_clean(
         state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False), lambda st: star_mask_now(),
         n_sigma=config.outlier_sigma, min_measurements=2, max_rounds=config.max_outlier_rounds, label="photometry")
