@@ -186,3 +186,32 @@ def test_outlier_is_rejected():
     assert state.weights[17] == 0
     assert state.weights.sum() >= 238
     assert len(state.weights) == solver.n_measurements >= 240  # padded to a bucketed size
+
+
+def test_gross_round_takes_only_gross_outliers():
+    """Before the joint fit, only terms far beyond the cut go (GROSS_FACTOR); the rounds after
+    the joint fit take the rest, and re-admission can bring back any gross-round rejection."""
+    import jcal.solver.gauss_newton as gn
+
+    problem, _ = make_problem()
+    problem.data["x"][17] += 0.05  # 50 sigma: gross
+    problem.data["y"][101] += 0.008  # 8 sigma: an outlier, but not gross
+    solver = Solver(problem)
+    mmask = gauge_mask(solver, problem.mapping)
+    state = solver.new_state(problem.mapping, problem.stars, np.ones(240), np.ones(60))
+    stars = np.ones((60, 2))
+
+    def refit(st, fit_mapping):
+        return solver.run_stage(st, "all" if fit_mapping else "stars", fit_mapping=fit_mapping, fit_stars=True,
+                                mapping_mask=mmask, star_mask=stars, max_iterations=10, tolerance=1e-10)
+
+    state = refit(state, True)  # stands in for the mapping and stars stages
+    state = solver.reject_gross(state, lambda st: refit(st, False), lambda st: stars, n_sigma=5.0, max_rounds=5,
+                                label="test")
+    assert gn.GROSS_FACTOR * 5.0 < 50
+    assert state.weights[17] == 0 and state.weights[101] == 1
+    state = refit(state, True)
+    state = solver.reject_until_clean(state, lambda st: refit(st, True), lambda st: refit(st, False),
+                                      lambda st: stars, n_sigma=5.0, min_measurements=2, max_rounds=5, label="test")
+    assert state.weights[17] == 0 and state.weights[101] == 0
+    assert state.weights.sum() >= 237
