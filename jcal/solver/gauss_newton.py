@@ -325,7 +325,7 @@ class Solver:
         joint = fit_mapping and fit_stars and self.layout.size > 0
         args = (jnp.asarray(weights), jnp.asarray(star_weights), mmask, smask, damping)
         if joint and self.reuse_factor and not direct and damping == 0.0:
-            fresh = self._preconditioner is None
+            fresh = self._preconditioner is None  # then the step assembles one, and needs the tiles
             step = _solve_cg(self.layout, True, True, terms, self._system_for(True, fresh), *args,
                              preconditioner=self._preconditioner, precondition=fresh, cg_iterations=CG_ITERATIONS)
             if bool(step.cholesky_ok):
