@@ -206,8 +206,8 @@ def test_gross_round_takes_only_gross_outliers():
                                 mapping_mask=mmask, star_mask=stars, max_iterations=10, tolerance=1e-10)
 
     state = refit(state, True)  # stands in for the mapping and stars stages
-    state = solver.reject_gross(state, lambda st: refit(st, False), lambda st: stars, n_sigma=5.0, max_rounds=5,
-                                label="test")
+    state = solver.reject_gross(state, lambda st: refit(st, False), lambda st: stars, n_sigma=5.0,
+                                min_measurements=2, max_rounds=5, label="test")
     assert gn.GROSS_FACTOR * 5.0 < 50
     assert state.weights[17] == 0 and state.weights[101] == 1
     state = refit(state, True)

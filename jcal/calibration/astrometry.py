@@ -265,7 +265,8 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         return state
 
     state = solver.reject_gross(state, lambda st: refit(st, "stars", False), lambda st: star_mask,
-                                n_sigma=config.outlier_sigma, max_rounds=config.max_outlier_rounds, label="astrometry")
+                                n_sigma=config.outlier_sigma, min_measurements=config.min_measurements,
+                                max_rounds=config.max_outlier_rounds, label="astrometry")
     state = stage("all", True, True, mapping_mask)
 
     state = solver.reject_until_clean(

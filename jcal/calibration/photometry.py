@@ -1100,7 +1100,8 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         return state
 
     state = solver.reject_gross(state, lambda st: refit(st, "stars", False), lambda st: star_mask_now(),
-                                n_sigma=config.outlier_sigma, max_rounds=config.max_outlier_rounds, label="photometry")
+                                n_sigma=config.outlier_sigma, min_measurements=2,
+                                max_rounds=config.max_outlier_rounds, label="photometry")
     stage("all", True, True, mapping_mask)
     state = solver.reject_until_clean(
         state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False), lambda st: star_mask_now(),
