@@ -214,7 +214,8 @@ def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, block
             for l, fkl in enumerate(jnp.split(fk, cuts, axis=1)):
                 kk, kl = groups[k].shape[0], groups[l].shape[0]
                 part = fkl.reshape(kk, layout.row_sizes[k], kl, layout.row_sizes[l]).transpose(0, 2, 1, 3)
-                new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(-part.astype(new[k, l].dtype), mode="drop")
+                part = -part.astype(new[k, l].dtype)  # a float32 fill accumulates in float64
+                new[k, l] = new[k, l].at[groups[k][:, None], groups[l][None, :]].add(part, mode="drop")
         return new, None
 
     for tiles in system.tiles:
@@ -344,17 +345,17 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
     if preconditioner is not None and fit_stars:
         dm, ds, iterations, ok = _schur_cg(system, lin, l_s, b_gradient, lin.b_s, mapping_mask, preconditioner,
                                            cg_tolerance, cg_iterations)
-        dm, ds = dm * mapping_mask, ds * star_mask
-        predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-        return Step(dm, ds, lin.chi2, 1.0 / preconditioner.scale**2, ok, predicted,
-                    factor=preconditioner.factor if precondition else None, iterations=iterations)
-    c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
-    dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s,
-                                                    mapping_mask, damping)
+        diag, scaled = 1.0 / preconditioner.scale**2, None
+        factor = preconditioner.factor if precondition else None
+    else:
+        c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
+        dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s,
+                                                        mapping_mask, damping)
+        iterations = 0
     dm, ds = dm * mapping_mask, ds * star_mask
     # for Gauss-Newton, |J delta|^2 = b^T delta is the decrease a linear model predicts
     predicted = jnp.dot(b_gradient, dm) + jnp.sum(lin.b_s * ds)
-    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled, factor)
+    return Step(dm, ds, lin.chi2, diag, ok, predicted, scaled, factor, iterations)
 
 
 def _scatter_columns(system: System, jm: jax.Array, w: jax.Array, n_map: int) -> jax.Array:
