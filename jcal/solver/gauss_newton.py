@@ -403,7 +403,7 @@ class Solver:
 
     def reject_outliers(self, state: FitState, n_sigma: float, star_mask,
                         min_measurements: int = 2, reference_sigma: float | None = None,
-                        judged: np.ndarray | None = None) -> tuple[int, int]:
+                        judged: np.ndarray | None = None, peel: bool = True) -> tuple[int, int]:
         """Reject, per star, the worst measurement or reference term beyond n_sigma.
 
         Terms are scored by their leave-one-out chi2 (see `leave_one_out_chi2`) against the
@@ -416,8 +416,8 @@ class Solver:
         lost one is refitted alone and rescored, and peeled again while a term is beyond the
         cut (`peeling.peel`), which saves a round per further term. A star left with fewer than
         `min_measurements` loses the rest too. `reference_sigma` (default n_sigma) is the cut of
-        reference terms; with one of its own, nothing is peeled. `judged` (S,) bool: the stars
-        whose terms are judged (default all).
+        reference terms; `judged` (S,) bool the stars whose terms are judged (default all);
+        without `peel`, nothing is peeled.
         """
         smask = self._effective_star_mask(state, star_mask)
         d_m, d_s, _ = self._leave_one_out(state, smask)
@@ -445,7 +445,7 @@ class Solver:
         has_rejected = np.zeros(self.n_stars, bool)
         has_rejected[star[reject_m]] = True
         reject_s = (score_s > 1) & (score_s >= worst) & ~has_rejected
-        if reference_sigma is None and self._few(int(reject_m.sum() + reject_s.sum()), state):
+        if peel and self._few(int(reject_m.sum() + reject_s.sum()), state):
             # few rejections: the mapping is clean, a star's other terms can be judged now
             self._peel(state, smask, reject_m, reject_s, cut_m, cut_s, rejectable, min_measurements)
         has_rejected[star[reject_m]] = True
@@ -554,8 +554,9 @@ class Solver:
             state.converged = False
         return state
 
-    def reject_gross(self, state: FitState, refit_stars: Callable[[FitState], FitState], star_mask: Callable[[FitState], Any],
-                     *, n_sigma: float, min_measurements: int, max_rounds: int, label: str) -> FitState:
+    def reject_gross(self, state: FitState, refit_stars: Callable[[FitState], FitState],
+                     star_mask: Callable[[FitState], Any], *, n_sigma: float, min_measurements: int,
+                     max_rounds: int, label: str) -> FitState:
         """Gross outliers out before the first joint step: rounds of `reject_outliers` with
         stars-only refits, while rounds reject many terms (`_few`). The mapping was fitted on
         reference stars and the stars on their measurements: gross outliers stand out, but the
@@ -581,7 +582,8 @@ class Solver:
             in_use = np.bincount(star, weights=weights, minlength=self.n_stars)
             judged = ~touched | (in_use > min_measurements + 1)
             n_meas, n_ref = self.reject_outliers(state, GROSS_FACTOR * n_sigma, star_mask(state), min_measurements,
-                                                 reference_sigma=GROSS_REFERENCE_FACTOR * n_sigma, judged=judged)
+                                                 reference_sigma=GROSS_REFERENCE_FACTOR * n_sigma, judged=judged,
+                                                 peel=False)
             state.n_outliers += n_meas
             state.n_reference_outliers += n_ref
             log.info("%s: rejected %d measurement and %d reference gross outliers", label, n_meas, n_ref)
