@@ -24,11 +24,11 @@ def sky_to_tangent(ra, dec, ra0, dec0, xp=jnp):
     return xi / DEG, eta / DEG
 
 
-def tangent_to_sky(xi, eta, ra0, dec0):
+def tangent_to_sky(xi, eta, ra0, dec0, xp=jnp):
     """Inverse of `sky_to_tangent`: (xi, eta) [deg] about (ra0, dec0) -> (ra, dec) [deg]."""
     x, y, a0, d0 = xi * DEG, eta * DEG, ra0 * DEG, dec0 * DEG
-    cos_d0, sin_d0 = jnp.cos(d0), jnp.sin(d0)
+    cos_d0, sin_d0 = xp.cos(d0), xp.sin(d0)
     denom = cos_d0 - y * sin_d0
-    ra = a0 + jnp.arctan2(x, denom)
-    dec = jnp.arctan2(sin_d0 + y * cos_d0, jnp.hypot(x, denom))
-    return jnp.mod(ra / DEG, 360.0), dec / DEG
+    ra = a0 + xp.arctan2(x, denom)
+    dec = xp.arctan2(sin_d0 + y * cos_d0, xp.hypot(x, denom))
+    return xp.mod(ra / DEG, 360.0), dec / DEG

@@ -50,6 +50,7 @@ import numpy as np
 from astropy.io import fits
 
 from jcal.data import InputError, ReferenceCatalog
+from jcal_models import sky_to_tangent, tangent_to_sky
 
 log = logging.getLogger("jcal.io.lsst")
 
@@ -201,23 +202,6 @@ def htm_trixels_in_circle(ra_deg: float, dec_deg: float, radius_deg: float, dept
 # jointcal's bounding circle
 # --------------------------------------------------------------------------------------------
 
-def _gnomonic(ra, dec, ra0, dec0):
-    a, d, a0, d0 = map(np.radians, (ra, dec, ra0, dec0))
-    cosc = np.sin(d) * np.sin(d0) + np.cos(d) * np.cos(d0) * np.cos(a - a0)
-    xi = np.cos(d) * np.sin(a - a0) / cosc
-    eta = (np.sin(d) * np.cos(d0) - np.cos(d) * np.sin(d0) * np.cos(a - a0)) / cosc
-    return np.degrees(xi), np.degrees(eta)
-
-
-def _inverse_gnomonic(xi, eta, ra0, dec0):
-    x, y = np.radians(xi), np.radians(eta)
-    a0, d0 = np.radians(ra0), np.radians(dec0)
-    den = np.cos(d0) - y * np.sin(d0)
-    ra = a0 + np.arctan2(x, den)
-    dec = np.arctan2(np.sin(d0) + y * np.cos(d0), np.hypot(x, den))
-    return np.degrees(ra) % 360.0, np.degrees(dec)
-
-
 def _box_of_corners(x, y):
     return np.array([np.min(x), np.min(y), np.max(x), np.max(y)])
 
@@ -245,12 +229,12 @@ def bounding_circle(footprints, tangent_point: tuple[float, float]) -> tuple[flo
     frame = None
     for pix_to_sky, (x0, y0, x1, y1) in footprints:
         ra, dec = pix_to_sky(np.array([x0, x1, x0, x1], float), np.array([y0, y1, y1, y0], float))
-        box = _box_of_corners(*_gnomonic(np.asarray(ra), np.asarray(dec), ra0, dec0))
+        box = _box_of_corners(*sky_to_tangent(np.asarray(ra), np.asarray(dec), ra0, dec0, xp=np))
         frame = box if frame is None else np.concatenate([np.minimum(frame[:2], box[:2]),
                                                           np.maximum(frame[2:], box[2:])])
     if frame is None:
         raise InputError("bounding circle: no ccd-visit to bound")
-    ra, dec = _inverse_gnomonic(frame[[0, 2, 0, 2]], frame[[1, 3, 3, 1]], ra0, dec0)
+    ra, dec = tangent_to_sky(frame[[0, 2, 0, 2]], frame[[1, 3, 3, 1]], ra0, dec0, xp=np)
     # RA may wrap at 0/360: express it continuously around the tangent point first.
     ra = ra0 + ((ra - ra0 + 180.0) % 360.0 - 180.0)
     rmin, dmin, rmax, dmax = _box_of_corners(ra, dec)

@@ -42,6 +42,8 @@ from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
 from jcal.data import InputError
+from jcal.sky import unit_vectors
+from jcal_models import sky_to_tangent
 
 log = logging.getLogger("jcal.io.lsst")
 
@@ -68,24 +70,9 @@ MJD_UNIX_EPOCH = 40587.0  # MJD of 1970-01-01T00:00:00; VisitInfo "tai" counts n
 # Small spherical helpers (degrees in, degrees out)
 # --------------------------------------------------------------------------------------------
 
-def _unit(ra_deg, dec_deg) -> np.ndarray:
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
-
-
-def _gnomonic(ra, dec, ra0, dec0) -> tuple[np.ndarray, np.ndarray]:
-    """Standard gnomonic projection about (ra0, dec0); xi (east), eta (north) in degrees."""
-    a, d = np.radians(ra), np.radians(dec)
-    a0, d0 = np.radians(ra0), np.radians(dec0)
-    cosc = np.sin(d) * np.sin(d0) + np.cos(d) * np.cos(d0) * np.cos(a - a0)
-    xi = np.cos(d) * np.sin(a - a0) / cosc
-    eta = (np.sin(d) * np.cos(d0) - np.cos(d) * np.sin(d0) * np.cos(a - a0)) / cosc
-    return np.degrees(xi), np.degrees(eta)
-
-
 def _separation_mas(ra1, dec1, ra2, dec2) -> np.ndarray:
     """Angular separation in mas (haversine-free vector form, accurate at mas scales)."""
-    u, v = _unit(ra1, dec1), _unit(ra2, dec2)
+    u, v = unit_vectors(ra1, dec1), unit_vectors(ra2, dec2)
     return np.degrees(2 * np.arcsin(np.clip(np.linalg.norm(u - v, axis=-1) / 2, 0, 1))) * 3.6e6
 
 
@@ -396,7 +383,7 @@ def fit_tan_sip(pix_to_sky, bbox: tuple[int, int, int, int], order: int = 4, *, 
     ra, dec = pix_to_sky(gx, gy)
     ra_c, dec_c = pix_to_sky(np.array([xc]), np.array([yc]))
     ra_c, dec_c = float(ra_c[0]), float(dec_c[0])
-    xi, eta = _gnomonic(ra, dec, ra_c, dec_c)
+    xi, eta = sky_to_tangent(ra, dec, ra_c, dec_c, xp=np)
 
     scale = max(0.5 * (x1 - x0 + 1), 0.5 * (y1 - y0 + 1))  # conditioning: fit in [-1, 1]
     u, v = (gx - xc) / scale, (gy - yc) / scale
