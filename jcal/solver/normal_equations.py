@@ -156,13 +156,13 @@ def chi2_terms(terms: "Terms", weights, star_weights):
     return chi2_m, star_weights * jnp.sum(terms.rp**2, axis=1)
 
 
-def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs: jax.Array | None,
+def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, ws: jax.Array | None,
                      fill_dtype=jnp.float64):
     """Dense reduced normal matrix (N, N): H_mm - fill, the fill's products in `fill_dtype`
     (float32 for a preconditioner: half the work, accumulated in float64).
 
     jm: (n, d, P) whitened, weighted, masked mapping Jacobians.
-    gs: (n, q, P) = L_s^-1 (J_s^T J_m) per measurement, or None when stars are fixed.
+    ws: (n, q, d) = L_s^-1 J_s^T per measurement (`_whitened_star_rows`), or None when stars are fixed.
     """
     n_leaves = len(layout.row_sizes)
     blocks = {(k, l): jnp.zeros((layout.n_groups[k], layout.n_groups[l], layout.row_sizes[k],
@@ -180,8 +180,8 @@ def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs:
             blocks[k, l] = blocks[k, l].at[system.block_groups[:, k], system.block_groups[:, l]].add(
                 hkl, mode="drop")
 
-    if gs is not None:
-        blocks = _subtract_fill(layout, system, gs.astype(fill_dtype), blocks)
+    if ws is not None:
+        blocks = _subtract_fill(layout, system, jm.astype(fill_dtype), ws.astype(fill_dtype), blocks)
 
     rows = [jnp.concatenate([blocks[k, l].transpose(0, 2, 1, 3).reshape(
         layout.n_groups[k] * layout.row_sizes[k], layout.n_groups[l] * layout.row_sizes[l])
@@ -189,20 +189,25 @@ def assemble_reduced(layout: ParameterLayout, system: System, jm: jax.Array, gs:
     return jnp.concatenate(rows, axis=0)
 
 
-def _subtract_fill(layout: ParameterLayout, system: System, gs: jax.Array, blocks: dict) -> dict:
-    """blocks -= sum over stars of B_s H_ss^-1 B_s^T, one spatial tile of stars at a time."""
-    q = gs.shape[1]
-    pad_g = jnp.concatenate([gs, jnp.zeros((1,) + gs.shape[1:], gs.dtype)], axis=0)
+def _subtract_fill(layout: ParameterLayout, system: System, jm: jax.Array, ws: jax.Array, blocks: dict) -> dict:
+    """blocks -= sum over stars of B_s H_ss^-1 B_s^T, one spatial tile of stars at a time.
+
+    Per measurement, G = L_s^-1 J_s^T J_m (q, P) is its star's whitened column of B_s^T; it is
+    formed per tile from `jm` and `ws`, in cache: as (n, q, P) arrays over all measurements,
+    G and J_m^T J_s were most of a medium step's memory traffic."""
+    q = ws.shape[1]
+    pad_j = jnp.concatenate([jm, jnp.zeros((1,) + jm.shape[1:], jm.dtype)], axis=0)
+    pad_w = jnp.concatenate([ws, jnp.zeros((1,) + ws.shape[1:], ws.dtype)], axis=0)
     splits = list(layout.local_offsets[1:])
     n_leaves = len(layout.row_sizes)
 
     def one_tile(carry, tile, n_star_slots):
         meas, star_local, slots, groups = tile
-        g = pad_g[meas]  # (M, q, P)
+        g = jnp.einsum("mqd,mdp->mqp", pad_w[meas], pad_j[meas])  # (M, q, P)
         phis = []
         for k, gk in enumerate(jnp.split(g, splits, axis=2)):  # (M, q, p_k)
             kk = groups[k].shape[0]
-            phi = jnp.zeros((kk, layout.row_sizes[k], n_star_slots, q), gs.dtype)
+            phi = jnp.zeros((kk, layout.row_sizes[k], n_star_slots, q), ws.dtype)
             phi = phi.at[slots[k], :, star_local, :].add(gk.transpose(0, 2, 1))
             phis.append(phi.reshape(kk * layout.row_sizes[k], n_star_slots * q))
         phi = jnp.concatenate(phis, axis=0)  # (N_tile, stars*q)
@@ -299,11 +304,10 @@ def linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system: Sy
     return weigh(terms, system, weights, star_weights, mapping_mask, star_mask, mapping_jacobian)
 
 
-def _fill_factors(lin: Linearised, l_s: jax.Array, star: jax.Array):
-    """C_i = J_m^T J_s (n, P, q) and G_i = L_s^-1 C_i^T (n, q, P): fill = sum_tiles Phi Phi^T."""
-    c = jnp.einsum("ndp,ndq->npq", lin.jm, lin.js)
-    gs = small.solve_lower(l_s[star], c.transpose(0, 2, 1))
-    return c, gs
+def _whitened_star_rows(lin: Linearised, l_s: jax.Array, star: jax.Array) -> jax.Array:
+    """L_s^-1 J_s^T per measurement (n, q, d): the fill is sum over stars of G G^T, with
+    G = L_s^-1 J_s^T J_m summed over the star's measurements (`_subtract_fill`)."""
+    return small.solve_lower(l_s[star], lin.js.transpose(0, 2, 1))
 
 
 def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, terms: Terms, system: System,
@@ -339,8 +343,8 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
 
     b_gradient = _scatter_columns(system, lin.jm, -lin.r, n_map)  # -J_m^T r
     if precondition and preconditioner is None and fit_stars:
-        _, gs = _fill_factors(lin, l_s, star)
-        h = assemble_reduced(layout, system, lin.jm, gs, jnp.float32) + jnp.diag(1.0 - mapping_mask)
+        h = assemble_reduced(layout, system, lin.jm, _whitened_star_rows(lin, l_s, star),
+                             jnp.float32) + jnp.diag(1.0 - mapping_mask)
         preconditioner = Preconditioner.of_matrix(h)
     if preconditioner is not None and fit_stars:
         dm, ds, iterations, ok = _schur_cg(system, lin, l_s, b_gradient, lin.b_s, mapping_mask, preconditioner,
@@ -348,8 +352,8 @@ def solve_step(layout: ParameterLayout, fit_mapping: bool, fit_stars: bool, term
         diag, scaled = 1.0 / preconditioner.scale**2, None
         factor = preconditioner.factor if precondition else None
     else:
-        c, gs = _fill_factors(lin, l_s, star) if fit_stars else (None, None)
-        dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, c, gs, b_gradient, lin.b_s,
+        ws = _whitened_star_rows(lin, l_s, star) if fit_stars else None
+        dm, ds, diag, ok, scaled, factor = _schur_solve(layout, system, lin, l_s, ws, b_gradient, lin.b_s,
                                                         mapping_mask, damping)
         iterations = 0
     dm, ds = dm * mapping_mask, ds * star_mask
@@ -378,9 +382,7 @@ def _schur_cg(system: System, lin: Linearised, l_s, b_m, b_s, mapping_mask, prec
               tolerance: float, max_iterations: int):
     """`_schur_solve` with the reduced system solved by preconditioned conjugate gradients, in
     the preconditioner's Jacobi scaling. Returns (x_m, x_s, iterations, converged)."""
-    star = system.index["star"]
-    y_s = small.cho_solve(l_s, b_s)
-    b = b_m - _scatter_columns(system, lin.jm, jnp.einsum("ndq,nq->nd", lin.js, y_s[star]), b_m.shape[0])
+    b = _reduce_rhs(system, lin, l_s, b_m, b_s)
     d = preconditioner.scale
     apply = lambda z: d * _reduced_product(system, lin, l_s, mapping_mask, d * z)  # noqa: E731
     precondition = lambda r: cho_solve((preconditioner.factor, True), r)  # noqa: E731
@@ -402,25 +404,35 @@ def _schur_cg(system: System, lin: Linearised, l_s, b_m, b_s, mapping_mask, prec
     k, z, r, _, _ = jax.lax.while_loop(lambda st: (st[0] < max_iterations) & (jnp.dot(st[2], st[2]) > goal),
                                        iterate, (0, z0, r0, s0, jnp.dot(r0, s0)))
     x_m = d * z
-    back = jax.ops.segment_sum(jnp.einsum("ndq,nd->nq", lin.js, jnp.einsum("ndp,np->nd", lin.jm, x_m[system.columns])),
-                               star, y_s.shape[0])
     ok = (jnp.dot(r, r) <= goal) & jnp.all(jnp.isfinite(x_m))
-    return x_m, small.cho_solve(l_s, b_s - back), k, ok
+    return x_m, _back_substitute(system, lin, l_s, b_s, x_m), k, ok
 
 
-def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, c, gs, b_m, b_s, mapping_mask,
+def _reduce_rhs(system: System, lin: Linearised, l_s, b_m, b_s) -> jax.Array:
+    """b_m - H_ms H_ss^-1 b_s: the right-hand side of the reduced system."""
+    y_s = small.cho_solve(l_s, b_s)
+    return b_m - _scatter_columns(system, lin.jm, jnp.einsum("ndq,nq->nd", lin.js, y_s[system.index["star"]]),
+                                  b_m.shape[0])
+
+
+def _back_substitute(system: System, lin: Linearised, l_s, b_s, x_m) -> jax.Array:
+    """x_s = H_ss^-1 (b_s - H_sm x_m): the stars, given the mapping."""
+    star = system.index["star"]
+    u = jnp.einsum("ndp,np->nd", lin.jm, x_m[system.columns])
+    return small.cho_solve(l_s, b_s - jax.ops.segment_sum(jnp.einsum("ndq,nd->nq", lin.js, u), star, b_s.shape[0]))
+
+
+def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, ws, b_m, b_s, mapping_mask,
                  damping=0.0):
     """Solve [H_mm H_ms; H_sm H_ss] [x_m; x_s] = [b_m; b_s] by eliminating the stars.
 
-    c, gs: `_fill_factors` (None when the stars are held fixed: then x_s = 0).
+    ws: `_whitened_star_rows` (None when the stars are held fixed: then x_s = 0).
     Returns (x_m, x_s, diagonal of the reduced matrix, Cholesky ok, Jacobi-scaled reduced matrix,
     its Cholesky factor).
     """
-    star = system.index["star"]
-    y_s = small.cho_solve(l_s, b_s)  # H_ss^-1 b_s
-    if c is not None:  # b_m - H_ms H_ss^-1 b_s
-        b_m = b_m - jnp.zeros(layout.size).at[system.columns].add(jnp.einsum("npq,nq->np", c, y_s[star]))
-    h = assemble_reduced(layout, system, lin.jm, gs) + jnp.diag(1.0 - mapping_mask)
+    if ws is not None:
+        b_m = _reduce_rhs(system, lin, l_s, b_m, b_s)
+    h = assemble_reduced(layout, system, lin.jm, ws) + jnp.diag(1.0 - mapping_mask)
     diag = jnp.diagonal(h)
     # Jacobi scaling keeps Cholesky accurate when parameter scales differ by many decades
     d = _jacobi_scale(diag)
@@ -428,10 +440,9 @@ def _schur_solve(layout: ParameterLayout, system: System, lin: Linearised, l_s, 
     factor = jnp.linalg.cholesky(scaled + damping * jnp.eye(layout.size))
     x_m = d * cho_solve((factor, True), b_m * d)
     ok = jnp.all(jnp.isfinite(factor))
-    if c is None:
-        return x_m, jnp.zeros_like(y_s), diag, ok, scaled, factor
-    back = jax.ops.segment_sum(jnp.einsum("npq,np->nq", c, x_m[system.columns]), star, y_s.shape[0])
-    return x_m, small.cho_solve(l_s, b_s - back), diag, ok, scaled, factor
+    if ws is None:
+        return x_m, jnp.zeros_like(b_s), diag, ok, scaled, factor
+    return x_m, _back_substitute(system, lin, l_s, b_s, x_m), diag, ok, scaled, factor
 
 
 def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping, stars, data, star_data,
@@ -450,9 +461,8 @@ def implicit_cotangents(residual_fn, prior_fn, layout: ParameterLayout, mapping,
     lin = linearise(residual_fn, prior_fn, mapping, stars, data, star_data, system,
                     weights, star_weights, mapping_mask, star_mask)
     l_s = _star_cholesky(lin.h_ss)
-    c, gs = _fill_factors(lin, l_s, star)
-    v_m, v_s, _, _, _, _ = _schur_solve(layout, system, lin, l_s, c, gs, bar_m * mapping_mask, bar_s * star_mask,
-                                     mapping_mask)
+    v_m, v_s, _, _, _, _ = _schur_solve(layout, system, lin, l_s, _whitened_star_rows(lin, l_s, star),
+                                        bar_m * mapping_mask, bar_s * star_mask, mapping_mask)
     v_m, v_s = v_m * mapping_mask, v_s * star_mask
     # J v per measurement and per prior (weighted like the residuals)
     jv = jnp.einsum("ndp,np->nd", lin.jm, v_m[system.columns]) + jnp.einsum("ndq,nq->nd", lin.js, v_s[star])
