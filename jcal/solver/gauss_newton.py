@@ -528,9 +528,11 @@ class Solver:
         it, while their stars move fully; a stars-only step costs a fraction of a full one. Once a
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
-        The first clean scoring also re-admits rejected measurements that fit the solution
-        (`readmit`) before that full refit. Only once: a second re-admission found a few dozen
-        terms on large (of 0.5 M) and cost a full step and a scoring for a 1e-5 chi2 change.
+        The first round that rejects few or none (the mapping is clean) also re-admits rejected
+        measurements that fit the solution (`readmit`); then everything is refitted (medium: one
+        stars-only refit and a scoring fewer than re-admitting only after a clean round). Only
+        once: a second re-admission found a few dozen terms on large (of 0.5 M) and cost a full
+        step and a scoring for a 1e-5 chi2 change.
         `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
         star-parameter mask of `reject_outliers`.
         """
@@ -538,24 +540,28 @@ class Solver:
         # e.g. unusable fluxes: never outliers, never re-admitted
         outside_before = state.unusable if state.unusable is not None else state.weights == 0
         for _ in range(max_rounds):
+            before = state.weights
             n_meas, n_ref = self.reject_outliers(state, n_sigma, star_mask(state), min_measurements)
             state.n_outliers += n_meas
             state.n_reference_outliers += n_ref
             log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
-            if n_meas + n_ref == 0:
+            few = self._few(n_meas + n_ref, state)
+            if few and not readmitted:
                 # rejections are decided on fits still biased by the outliers not yet found; a
-                # term that fits the clean solution comes back (once: no oscillation)
-                n_back = self.readmit(state, n_sigma, star_mask(state), (state.weights == 0) & ~outside_before) \
-                    if not readmitted else 0
+                # term that fits the clean solution comes back (not one this round rejected)
+                readmitted = True
+                n_back = self.readmit(state, n_sigma, star_mask(state), (before == 0) & ~outside_before)
                 if n_back:
-                    readmitted = True
                     state.n_outliers -= n_back
                     log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
-                elif fully_refit:
+                    state, fully_refit = refit_all(state), True
+                    continue
+            if n_meas + n_ref == 0:
+                if fully_refit:
                     return state
                 state, fully_refit = refit_all(state), True
                 continue
-            fully_refit = not self._few(n_meas + n_ref, state)
+            fully_refit = not few
             state = refit_all(state) if fully_refit else refit_stars(state)
         if max_rounds:
             log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)
