@@ -11,6 +11,7 @@ jax.config.update("jax_enable_x64", True)  # sky positions need float64
 from .astrometry import (  # noqa: E402
     ConstrainedAstrometry,
     SimpleAstrometry,
+    TangentPlaneAstrometry,
     TangentPlaneToSky,
     constrained_astrometry,
     simple_astrometry,
@@ -30,7 +31,7 @@ from .core import (  # noqa: E402
     parameter_filter,
 )
 from .polynomial import Polynomial  # noqa: E402
-from .projection import sky_to_tangent, tangent_to_sky  # noqa: E402
+from .projection import direction, project, sky_to_tangent, tangent_basis, tangent_to_sky  # noqa: E402
 from .stars import MAS, Stars  # noqa: E402
 from .photometry import (  # noqa: E402
     ChebyshevField,

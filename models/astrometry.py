@@ -7,7 +7,9 @@
   holding ONE reference detector's polynomial at its starting value (`gauge_groups`), which
   pins the focal-plane frame for every visit that sees that detector - and through the
   shared detectors, for all.
-Both end with the inverse gnomonic projection about each visit's tangent point.
+Both end with the inverse gnomonic projection about each visit's tangent point: they are
+`TangentPlaneAstrometry` forms, which define `tangent` (pixels -> that plane) and get
+`__call__` (-> sky) from it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from jaxtyping import Array, Float
 
 from .core import Grouped, Transform, fixed_field
 from .polynomial import Polynomial
-from .projection import tangent_to_sky
+from .projection import project, tangent_basis, tangent_to_sky
 
 
 class TangentPlaneToSky(Transform):
@@ -30,6 +32,34 @@ class TangentPlaneToSky(Transform):
     def __call__(self, xi, eta):
         return tangent_to_sky(xi, eta, self.ra0, self.dec0)
 
+    def project(self, w):
+        """(xi, eta) [deg] in this plane of the direction `w` (see `projection`)."""
+        return project(w, tangent_basis(self.ra0, self.dec0))
+
+
+class TangentPlaneAstrometry(Transform):
+    """pixels --`tangent`--> the visit's tangent plane [deg] --`sky`--> (ra, dec).
+
+    A form defines `tangent` and a `sky` field (`TangentPlaneToSky` grouped by visit), and
+    keeps this `__call__`. The fit then compares each measurement with its star in that plane
+    (`project`): no trigonometry to differentiate, ~3x cheaper linearisations than through
+    (ra, dec). A subclass that overrides `__call__` is fitted through (ra, dec) instead.
+    """
+
+    def tangent(self, x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x, y):
+        return self.sky(*self.tangent(x, y))
+
+    def project(self, w):
+        """(xi, eta) [deg] in the visit's tangent plane of the direction `w` (one gathered view)."""
+        return self.sky.inner.project(w)
+
+    @property
+    def compares_in_tangent_plane(self) -> bool:
+        return type(self).__call__ is TangentPlaneAstrometry.__call__
+
 
 def _grouped_polynomial(coeffs, center, half_width, order: int, by: str) -> Grouped:
     return Grouped(Polynomial(coeffs=jnp.asarray(coeffs), center=jnp.asarray(center),
@@ -40,14 +70,14 @@ def _sky(tangent_ra, tangent_dec) -> Grouped:
     return Grouped(TangentPlaneToSky(ra0=jnp.asarray(tangent_ra), dec0=jnp.asarray(tangent_dec)), by="visit")
 
 
-class SimpleAstrometry(Transform):
+class SimpleAstrometry(TangentPlaneAstrometry):
     """pixels --[polynomial per detector-visit]--> visit tangent plane --> sky."""
 
     ccd_visit: Grouped  # Polynomial, by "ccd_visit"
     sky: Grouped  # TangentPlaneToSky, by "visit"
 
-    def __call__(self, x, y):
-        return self.sky(*self.ccd_visit(x, y))
+    def tangent(self, x, y):
+        return self.ccd_visit(x, y)
 
     # No `fix_gauge`: nothing is degenerate, every polynomial is pinned by its own stars.
 
@@ -60,7 +90,7 @@ def simple_astrometry(coeffs: Float[Array, "ccd_visits 2 terms"], pixel_center, 
     )
 
 
-class ConstrainedAstrometry(Transform):
+class ConstrainedAstrometry(TangentPlaneAstrometry):
     """pixels --[chip poly per detector]--> focal plane --[poly per visit]--> tangent plane --> sky."""
 
     chip: Grouped  # Polynomial, by "detector"
@@ -68,8 +98,8 @@ class ConstrainedAstrometry(Transform):
     sky: Grouped  # TangentPlaneToSky, by "visit"
     reference_detector: int = eqx.field(static=True, default=0)  # index held fixed (gauge)
 
-    def __call__(self, x, y):
-        return self.sky(*self.visit(*self.chip(x, y)))
+    def tangent(self, x, y):
+        return self.visit(*self.chip(x, y))
 
     def fix_gauge(self, mask):
         """Hold the reference detector's polynomial: removes the chip/visit degeneracy.

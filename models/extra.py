@@ -22,7 +22,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax.numpy as jnp
 
-from .astrometry import ConstrainedAstrometry
+from .astrometry import ConstrainedAstrometry, TangentPlaneAstrometry
 from .core import Grouped, Transform, fixed_field
 
 
@@ -69,7 +69,7 @@ class Radial(Transform):
         return u + f * du, v + f * dv
 
 
-class RadialAstrometry(Transform):
+class RadialAstrometry(TangentPlaneAstrometry):
     """pixels --chip--> focal --radial (global)--> focal' --visit--> tangent plane --> sky."""
 
     chip: Grouped
@@ -78,8 +78,8 @@ class RadialAstrometry(Transform):
     sky: Grouped
     reference_detector: int = eqx.field(static=True, default=0)
 
-    def __call__(self, x, y):
-        return self.sky(*self.visit(*self.radial(*self.chip(x, y))))
+    def tangent(self, x, y):
+        return self.visit(*self.radial(*self.chip(x, y)))
 
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)
@@ -122,7 +122,7 @@ class PixelGrid(Transform):
         return x + d[0], y + d[1]
 
 
-class PixelGridAstrometry(Transform):
+class PixelGridAstrometry(TangentPlaneAstrometry):
     """pixels --grid per detector--> pixels' --chip--> focal --visit--> tangent plane --> sky."""
 
     grid: Grouped  # PixelGrid, by "detector"
@@ -131,8 +131,8 @@ class PixelGridAstrometry(Transform):
     sky: Grouped
     reference_detector: int = eqx.field(static=True, default=0)
 
-    def __call__(self, x, y):
-        return self.sky(*self.visit(*self.chip(*self.grid(x, y))))
+    def tangent(self, x, y):
+        return self.visit(*self.chip(*self.grid(x, y)))
 
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)
@@ -166,7 +166,7 @@ class TurbulentVisit(Transform):
         return xi + d[0], eta + d[1]
 
 
-class TurbulentAstrometry(Transform):
+class TurbulentAstrometry(TangentPlaneAstrometry):
     """pixels --chip--> focal --(visit polynomial + visit grid field)--> tangent plane --> sky."""
 
     chip: Grouped
@@ -174,8 +174,8 @@ class TurbulentAstrometry(Transform):
     sky: Grouped
     reference_detector: int = eqx.field(static=True, default=0)
 
-    def __call__(self, x, y):
-        return self.sky(*self.visit(*self.chip(x, y)))
+    def tangent(self, x, y):
+        return self.visit(*self.chip(x, y))
 
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .core import fixed_field
-from .projection import tangent_to_sky
+from .projection import direction, tangent_basis, tangent_to_sky
 
 MAS = 1.0 / 3.6e6  # degrees per milliarcsecond
 
@@ -33,13 +33,22 @@ class Stars(eqx.Module):
         return cls(offset=zeros, pm=zeros if proper_motion else None, ra0=ra, dec0=dec,
                    epoch0=jnp.broadcast_to(epoch0, ra.shape))
 
-    def position(self, epoch):
-        """(ra, dec) [deg] of ONE star (a gathered view) at `epoch` [yr]."""
+    def offset_at(self, epoch):
+        """(xi, eta) [deg] of ONE star (a gathered view) at `epoch` [yr], in its tangent plane."""
         xi, eta = self.offset[0], self.offset[1]
         if self.pm is not None:
             dt = epoch - self.epoch0
             xi, eta = xi + self.pm[0] * dt, eta + self.pm[1] * dt
-        return tangent_to_sky(xi, eta, self.ra0, self.dec0)
+        return xi, eta
+
+    def position(self, epoch):
+        """(ra, dec) [deg] of ONE star (a gathered view) at `epoch` [yr]."""
+        return tangent_to_sky(*self.offset_at(epoch), self.ra0, self.dec0)
+
+    def direction(self, epoch):
+        """A direction (3-vector, not normalised) towards ONE star at `epoch` [yr]: `position`
+        without trigonometry in the fitted parameters (see `projection`)."""
+        return direction(*self.offset_at(epoch), tangent_basis(self.ra0, self.dec0))
 
     @property
     def n_stars(self) -> int:

@@ -2,14 +2,17 @@
 
 Residual of measurement i (star s seen at pixel (x, y) in visit v at epoch t):
 
-    r_i = W_i · tangent_offset(model_v,d(x, y), star_s(t))
+    r_i = W_i · (model_v,d(x, y) - star_s(t)), both in the tangent plane of visit v
 
-the offset [deg] of the model's sky position from the star's, in the plane tangent at the
-star, whitened by W_i (the centroid covariance carried to the sky through the model's local
-pixel Jacobian, plus an optional pedestal). The error model is refreshed between stages and
-held fixed during a stage, so each step solves a fixed weighted least-squares problem.
-A reference star adds (position at the catalog epoch - catalog position) / error, and
-(proper motion - catalog proper motion) / error when both exist.
+the offset [deg] of the model's position from the star's in the visit's tangent plane (as
+jointcal does; for `TangentPlaneAstrometry` forms, i.e. all of jcal's: the star's direction
+is projected there, so nothing trigonometric is differentiated), whitened by W_i (the
+centroid covariance carried to that plane through the model's pixel Jacobian, plus an
+optional pedestal). Other forms are compared in the plane tangent at the star, through
+(ra, dec). The error model is refreshed between stages and held fixed during a stage, so each
+step solves a fixed weighted least-squares problem. A reference star adds (position at the
+catalog epoch - catalog position) / error, and (proper motion - catalog proper motion) /
+error when both exist.
 """
 
 from __future__ import annotations
@@ -39,18 +42,23 @@ from .initialise import initial_astrometric_model
 log = logging.getLogger("jcal.calibration.astrometry")
 
 
+def _in_tangent_plane(model) -> bool:
+    return getattr(model, "compares_in_tangent_plane", False)
+
+
 def astrometric_residual(model, star, m):
     """Whitened 2-d residual of one measurement (see module docstring)."""
-    ra, dec = model(m["x"], m["y"])
-    ra_s, dec_s = star.position(m["epoch"])
-    xi, eta = sky_to_tangent(ra, dec, ra_s, dec_s)
+    if _in_tangent_plane(model):
+        xi, eta = model.tangent(m["x"], m["y"])
+        xi_s, eta_s = model.project(star.direction(m["epoch"]))
+        return m["whiten"] @ jnp.stack([xi - xi_s, eta - eta_s])
+    xi, eta = sky_to_tangent(*model(m["x"], m["y"]), *star.position(m["epoch"]))
     return m["whiten"] @ jnp.stack([xi, eta])
 
 
 def reference_residual(star, ref):
     """Whitened reference-catalog constraint of one star (zeros where there is none)."""
-    ra, dec = star.position(ref["epoch"])
-    xi, eta = sky_to_tangent(ra, dec, ref["ra"], ref["dec"])
+    xi, eta = jm.project(star.direction(ref["epoch"]), jm.tangent_basis(ref["ra"], ref["dec"]))
     position = jnp.stack([xi, eta]) / ref["position_err"] * ref["has_ref"]
     if star.pm is None:
         return position
@@ -60,13 +68,16 @@ def reference_residual(star, ref):
 
 @brief_jit
 def _whitening(model, index, x, y, x_err, y_err, pedestal_deg):
-    """(n, 2, 2) W with W^T W = inverse sky covariance of each centroid."""
+    """(n, 2, 2) W with W^T W = inverse covariance of each centroid, in the plane of its residual."""
 
     def one(idx, xi, yi, sx, sy):
         view = jm.gather(model, idx)
-        ra0, dec0 = view(xi, yi)
-        jac = jnp.stack(jax.jacfwd(lambda p: jnp.stack(sky_to_tangent(*view(p[0], p[1]), ra0, dec0)))(
-            jnp.stack([xi, yi])))  # (2, 2): d(xi, eta) / d(x, y)
+        if _in_tangent_plane(view):
+            plane = lambda p: jnp.stack(view.tangent(p[0], p[1]))  # noqa: E731
+        else:
+            ra0, dec0 = view(xi, yi)
+            plane = lambda p: jnp.stack(sky_to_tangent(*view(p[0], p[1]), ra0, dec0))  # noqa: E731
+        jac = jax.jacfwd(plane)(jnp.stack([xi, yi]))  # (2, 2): d(xi, eta) / d(x, y)
         cov = jac @ jnp.diag(jnp.stack([sx**2, sy**2])) @ jac.T + pedestal_deg**2 * jnp.eye(2)
         return small_linalg.solve_lower(small_linalg.cholesky(cov), jnp.eye(2))  # L^-1
 

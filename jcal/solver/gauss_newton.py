@@ -166,6 +166,7 @@ class Solver:
         self.reuse_factor = problem.reuse_factor if problem.reuse_factor is not None else fill > CG_ABOVE_FLOPS
         self.brief = fill < BRIEF_BELOW_FLOPS
         self._preconditioner: Preconditioner | None = None  # from the last assembled joint step
+        self._residual_dim: int | None = None
         self.data = jax.tree.map(jnp.asarray, problem.data)
         self.star_data = None if problem.star_data is None else jax.tree.map(jnp.asarray, problem.star_data)
         self.n_measurements = n  # padded sizes, as the device arrays have them
@@ -322,6 +323,7 @@ class Solver:
                        stars=(ps, ss), data=self.data, star_data=self.star_data, index=self.system.index,
                        mapping_jacobian=mapping_jacobian)
         self._last_terms = (key, terms)
+        self._residual_dim = int(terms.r.shape[1])
         return terms
 
     def _solve(self, terms, fit_mapping: bool, fit_stars: bool, weights, star_weights, mmask, smask,
@@ -399,15 +401,18 @@ class Solver:
         smask = np.asarray(self._effective_star_mask(state, star_mask))
         return int(round(n_res - float(np.sum(np.asarray(mapping_mask))) - float(smask.sum())))
 
-    @functools.cached_property
+    @property
     def residual_dim(self) -> int:
-        """d: residual components per measurement (2 astrometry, 1 photometry)."""
-        (pm, sm), (ps, ss) = self.split(self.problem.mapping, self.problem.stars)
-        first = jax.tree.map(lambda a: a[:1], self.data)
-        idx = {k: v[:1] for k, v in self.system.index.items()}
-        shape = jax.eval_shape(lambda: measurement_terms(self.problem.residual_fn, (pm, sm), (ps, ss), first,
-                                                         idx, with_jacobian=False))
-        return int(shape.shape[1])
+        """d: residual components per measurement (2 astrometry, 1 photometry), as the last
+        linearisation had them (before any, the residual is traced for its shape: ~0.1 s)."""
+        if self._residual_dim is None:
+            (pm, sm), (ps, ss) = self.split(self.problem.mapping, self.problem.stars)
+            first = jax.tree.map(lambda a: a[:1], self.data)
+            idx = {k: v[:1] for k, v in self.system.index.items()}
+            shape = jax.eval_shape(lambda: measurement_terms(self.problem.residual_fn, (pm, sm), (ps, ss), first,
+                                                             idx, with_jacobian=False))
+            self._residual_dim = int(shape.shape[1])
+        return self._residual_dim
 
     def reject_outliers(self, state: FitState, n_sigma: float, star_mask,
                         min_measurements: int = 2, reference_sigma: float | None = None,
