@@ -534,10 +534,11 @@ class Solver:
         round finds nothing after a stars-only refit, everything is refitted and scored again, so
         the result is the joint optimum for its final outlier set, as with full refits only.
         The first round that rejects few or none (the mapping is clean) also re-admits rejected
-        measurements that fit the solution (`readmit`); then everything is refitted (medium: one
-        stars-only refit and a scoring fewer than re-admitting only after a clean round). Only
-        once: a second re-admission found a few dozen terms on large (of 0.5 M) and cost a full
-        step and a scoring for a 1e-5 chi2 change.
+        measurements that fit the solution (`readmit`), and the refit is chosen by the terms
+        rejected and re-admitted together (medium astrometry: a stars-only refit and a scoring
+        fewer than re-admitting only after a clean round). Only once: a second re-admission
+        found a few dozen terms on large (of 0.5 M) and cost a full step and a scoring for a
+        1e-5 chi2 change.
         `refit_*` run a fitting stage and return the new state; `star_mask(state)` is the
         star-parameter mask of `reject_outliers`.
         """
@@ -550,23 +551,22 @@ class Solver:
             state.n_outliers += n_meas
             state.n_reference_outliers += n_ref
             log.info("%s: rejected %d measurement and %d reference outliers", label, n_meas, n_ref)
-            few = self._few(n_meas + n_ref, state)
-            if few and not readmitted:
+            n_back = 0
+            if self._few(n_meas + n_ref, state) and not readmitted:
                 # rejections are decided on fits still biased by the outliers not yet found; a
                 # term that fits the clean solution comes back (not one this round rejected)
                 readmitted = True
                 n_back = self.readmit(state, n_sigma, star_mask(state), (before == 0) & ~outside_before)
+                state.n_outliers -= n_back
                 if n_back:
-                    state.n_outliers -= n_back
                     log.info("%s: re-admitted %d measurement(s) that fit the current solution", label, n_back)
-                    state, fully_refit = refit_all(state), True
-                    continue
-            if n_meas + n_ref == 0:
+            changed = n_meas + n_ref + n_back
+            if changed == 0:
                 if fully_refit:
                     return state
                 state, fully_refit = refit_all(state), True
                 continue
-            fully_refit = not few
+            fully_refit = not self._few(changed, state)
             state = refit_all(state) if fully_refit else refit_stars(state)
         if max_rounds:
             log.warning("%s: outlier rejection still finding outliers after %d rounds", label, max_rounds)
