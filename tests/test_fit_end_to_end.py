@@ -80,24 +80,52 @@ class _VisitsFirst(jcal_models.ConstrainedAstrometry):
         return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, jnp.zeros_like(mask.chip.inner.coeffs))
 
 
-def test_constrained_form_needs_no_visits_stage():
-    """jointcal first fits the visit terms alone. With stars held the mapping stage is linear in
-    the constrained form's coefficients, so jcal starts with all mappings: same optimum."""
+def _fit_tiny_twice(form: type):
+    """The tiny survey fitted with the default constrained form, and again starting from the
+    same model cast to `form`."""
     sim = jcal.simulate("tiny", seed=5)
     config = jcal.FitConfig(visit_order=3, photometry=False)
     plain = jcal.fit(sim.data, config)
     start = jcal.calibration.initialise.initial_astrometric_model(sim.data, plain.association, config)
-    staged = jcal.fit(sim.data, config, astrometry_model=_VisitsFirst(**{
+    other = jcal.fit(sim.data, config, astrometry_model=form(**{
         f.name: getattr(start, f.name) for f in dataclasses.fields(start)}))
+    return plain, other
+
+
+def _assert_same_fit(a, b):
+    """Same outliers and chi2, and maps within 0.01 mas of each other."""
+    assert a.metrics["astrometry_outliers"] == b.metrics["astrometry_outliers"]
+    np.testing.assert_allclose(a.metrics["astrometry_final_chi2"], b.metrics["astrometry_final_chi2"], rtol=1e-6)
+    visit, detector = a.association.ccd_visits.T
+    ra0, dec0 = a.pixel_to_sky(visit, detector, 100.0, 200.0)
+    ra1, dec1 = b.pixel_to_sky(visit, detector, 100.0, 200.0)
+    assert np.max(np.hypot((ra0 - ra1) * np.cos(np.radians(dec0)), dec0 - dec1)) * 3.6e6 < 0.01  # mas
+
+
+def test_constrained_form_needs_no_visits_stage():
+    """jointcal first fits the visit terms alone. With stars held the mapping stage is linear in
+    the constrained form's coefficients, so jcal starts with all mappings: same optimum."""
+    plain, staged = _fit_tiny_twice(_VisitsFirst)
     assert "visits" not in plain.metrics["astrometry_stage_seconds"]
     assert "visits" in staged.metrics["astrometry_stage_seconds"]
-    a, b = plain.metrics, staged.metrics
-    assert a["astrometry_outliers"] == b["astrometry_outliers"]
-    np.testing.assert_allclose(a["astrometry_final_chi2"], b["astrometry_final_chi2"], rtol=1e-6)
-    visit, detector = plain.association.ccd_visits.T
-    ra0, dec0 = plain.pixel_to_sky(visit, detector, 100.0, 200.0)
-    ra1, dec1 = staged.pixel_to_sky(visit, detector, 100.0, 200.0)
-    assert np.max(np.hypot((ra0 - ra1) * np.cos(np.radians(dec0)), dec0 - dec1)) * 3.6e6 < 0.01  # mas
+    _assert_same_fit(plain, staged)
+
+
+class _ThroughSky(jcal_models.ConstrainedAstrometry):
+    """The constrained form with its own `__call__`: fitted through (ra, dec), in the plane
+    tangent at each star, instead of in the visit's tangent plane."""
+
+    def __call__(self, x, y):
+        return self.sky(*self.visit(*self.chip(x, y)))
+
+
+def test_tangent_plane_residuals_fit_as_through_the_sky():
+    """Residuals in the visit's tangent plane (whitened there) give the fit that residuals taken
+    through (ra, dec) give: same outliers, chi2 and map."""
+    plane, sky = _fit_tiny_twice(_ThroughSky)
+    assert plane.astrometry.model.compares_in_tangent_plane
+    assert not sky.astrometry.model.compares_in_tangent_plane
+    _assert_same_fit(plane, sky)
 
 
 def test_write_outputs_and_reload(small_fit, tmp_path):

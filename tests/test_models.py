@@ -35,6 +35,22 @@ def test_gnomonic_matches_astropy_tan_and_round_trips():
     np.testing.assert_allclose(np.asarray(eta2), eta.ravel(), atol=1e-11)
 
 
+def test_vector_projection_equals_gnomonic():
+    """`direction`/`project` (the fit's trigonometry-free form) are the gnomonic projection."""
+    rng = np.random.default_rng(3)
+    ra0, dec0 = 150.0, 62.0
+    xi, eta = rng.uniform(-1.5, 1.5, (2, 50))
+    basis = jm.tangent_basis(ra0, dec0)
+    back = jm.project(jax.vmap(lambda a, b: jm.direction(a, b, basis))(xi, eta), basis)
+    np.testing.assert_allclose(np.asarray(back), [xi, eta], atol=1e-12)
+    # a point given by its own tangent plane, projected onto another plane ~1 deg away
+    ra1, dec1 = jm.tangent_to_sky(jnp.asarray(xi), jnp.asarray(eta), ra0, dec0)
+    other = jm.tangent_basis(150.8, 62.5)
+    expected = jm.sky_to_tangent(ra1, dec1, 150.8, 62.5)
+    got = jm.project(jax.vmap(lambda a, b: jm.direction(a, b, basis))(xi, eta), other)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-11)
+
+
 def _constrained(seed=0):
     rng = np.random.default_rng(seed)
     chip = rng.normal(0, 1e-3, (3, 2, 3))
@@ -58,6 +74,15 @@ def test_composition_equals_chain_of_parts_and_chain_operator():
     ra, dec = jm.evaluate(model, {"detector": jnp.array([1, 1]), "visit": jnp.array([0, 0])},
                           jnp.array([300.0, 10.0]), jnp.array([700.0, 20.0]))
     np.testing.assert_allclose([ra[0], dec[0]], np.asarray(direct), atol=1e-12)
+    # the tangent-plane part: `tangent` then the visit's projection is the model
+    np.testing.assert_allclose(np.asarray(view.sky(*view.tangent(300.0, 700.0))), np.asarray(direct), atol=1e-12)
+    assert model.compares_in_tangent_plane
+
+    class Overridden(jm.ConstrainedAstrometry):  # its own __call__: `tangent` may not match it
+        def __call__(self, x, y):
+            return super().__call__(x, y)
+
+    assert not Overridden(model.chip, model.visit, model.sky, 0).compares_in_tangent_plane
 
 
 def test_gradients_match_finite_differences():
