@@ -17,6 +17,11 @@ derivatives, and never a dense Jacobian over all parameters.
 
 Which leaves are fitted: all inexact arrays except fields declared with `fixed_field()`
 (normalisation constants, tangent points) - see `parameter_filter`; `freeze` fixes more.
+
+An astrometric form that ends in each visit's tangent plane subclasses
+`astrometry.TangentPlaneAstrometry` and writes `tangent(x, y)` (pixels -> that plane) instead
+of `__call__`: the fit then compares measurements and stars in that plane, where nothing
+trigonometric is differentiated.
 """
 
 from __future__ import annotations
