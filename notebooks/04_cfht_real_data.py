@@ -9,7 +9,7 @@ import numpy as np
 import jcal
 from jcal.io.lsst import read_lsst
 
-folder = Path("/work/shared/data/cfht_minimal")
+folder = Path("..") / "tests" / "data" / "cfht_minimal"  # shipped with jcal (its README: provenance)
 inputs = read_lsst(folder, reference_error_mas=10)
 data = inputs.data
 

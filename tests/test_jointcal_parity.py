@@ -5,14 +5,13 @@ own cfht_minimal test; the expected metrics are jointcal's (see the data set's R
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from jcal.cli import main
 
-DATA = Path(os.environ.get("JCAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "jointcal_cfht_minimal.json"
 
 JOINTCAL = {  # jointcal's tests/test_jointcal_cfht_minimal.py, photometry only

@@ -1,7 +1,7 @@
 """Tests of jcal.io.lsst: LSST source tables, first-guess WCS, refcats, jointcal's numbers.
 
-They read the real data in ``shared/data`` (beside the repository; override with the
-environment variable JCAL_SHARED_DATA) and skip nothing: the files exist on CI. Tests that
+They read the real data shipped in ``tests/data`` (its README: provenance, licence) and skip
+nothing. Tests that
 decode an AST SkyWcs check the decoding when the optional ``starlink-pyast`` is installed, and
 check the clear `InputError` naming it when it is not.
 """
@@ -41,7 +41,7 @@ from jcal.io.lsst import (
     wcs_max_separation_mas,
 )
 
-DATA = Path(os.environ.get("JCAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"
 CFHT = DATA / "cfht_minimal"
 HSC = DATA / "hsc_sample"
 HSC_TABLE = HSC / "sourceTable_visit_0034690_subset.parquet"
@@ -52,7 +52,7 @@ README_CIRCLE = (215.03935, 52.78374, 0.1403)
 
 
 def test_data_present():
-    assert (CFHT / "README.md").exists(), f"shared data not found at {DATA} (set JCAL_SHARED_DATA)"
+    assert (CFHT / "README.md").exists(), f"test data not found at {DATA}"
     assert HSC_TABLE.exists()
 
 

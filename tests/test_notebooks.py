@@ -12,8 +12,6 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
-    if "cfht" in path.stem and not Path("/work/shared/data/cfht_minimal").exists():
-        pytest.skip("CFHT data not available")
     os.environ.setdefault("MPLBACKEND", "Agg")
     monkeypatch.chdir(path.parent)
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from jcal_models.photometry import (ConstrainedFlux, ConstrainedMagnitude, Photo
                                     SimpleMagnitude, constrained_flux, constrained_magnitude, simple_flux,
                                     simple_magnitude)
 
-CFHT = Path("/work/shared/data/cfht_minimal")
+CFHT = Path(__file__).resolve().parent / "data" / "cfht_minimal"
 FORMS = ["simple_flux", "simple_magnitude", "constrained_flux", "constrained_magnitude"]
 
 

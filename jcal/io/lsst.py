@@ -1,6 +1,6 @@
 """Read LSST pipeline outputs (what jointcal reads) into a `jcal.data.InputData`.
 
-What: `read_lsst` assembles, from a folder laid out like ``shared/data/cfht_minimal``::
+What: `read_lsst` assembles, from a folder laid out like ``tests/data/cfht_minimal``::
 
     sources/*.parquet                   sourceTable_visit or per-detector sourceTable (required)
     visitSummary/<visit>.fits           afw ExposureCatalog per visit (required: band, epoch,
