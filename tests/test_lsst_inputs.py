@@ -9,7 +9,6 @@ check the clear `InputError` naming it when it is not.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
