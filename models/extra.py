@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from .astrometry import ConstrainedAstrometry, TangentPlaneAstrometry
 from .core import Grouped, Transform, fixed_field, namespace
@@ -108,7 +109,7 @@ def radial_astrometry(initial: ConstrainedAstrometry, optical_center=None, k=(0.
 
 
 # every group's four corner nodes (the grid's bilinear part duplicates the polynomial's)
-_CORNERS = (slice(None), jnp.array([0, 0, -1, -1]), jnp.array([0, -1, 0, -1]))
+_CORNERS = (slice(None), np.array([0, 0, -1, -1]), np.array([0, -1, 0, -1]))  # numpy: import runs no JAX
 
 
 # -- (b) per-chip pixel grid ------------------------------------------------------------------------

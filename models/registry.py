@@ -257,14 +257,17 @@ def read_document(path: str | Path, legacy: bool = False) -> dict:
     return document
 
 
-def load(path: str | Path, like: Any = None, document: dict | None = None) -> tuple[Any, dict]:
+def load(path: str | Path, like: Any = None, check: Any = None) -> tuple[Any, dict]:
     """(model, document) from `<path>.json` + `<path>.eqx`; `like` (optional) replaces the
-    described structure as the skeleton. See the module docstring for what is checked."""
+    described structure as the skeleton; `check(skeleton, document)` (optional) validates more
+    before any array is read. See the module docstring for what is checked."""
     path = Path(path)
     json_file, eqx_file = path.with_suffix(".json"), path.with_suffix(".eqx")
-    document = read_document(path, legacy=like is not None) if document is None else document
+    document = read_document(path, legacy=like is not None)
     builder = _Builder(json_file)
     skeleton = builder.build(document["model"], "model") if like is None else like
+    if check is not None:
+        check(skeleton, document)
     try:
         size = eqx_file.stat().st_size
     except OSError as exc:
