@@ -279,9 +279,11 @@ def load(path: str | Path, like: Any = None, check: Any = None) -> tuple[Any, di
         try:
             model = eqx.tree_deserialise_leaves(f, skeleton)
         except Exception as exc:  # noqa: BLE001 - numpy/equinox raise many kinds for a bad file
-            cause = exc.__cause__ or exc
-            raise ModelFileError(f"{eqx_file}: does not hold the arrays {json_file.name} describes ({exc}: "
-                                 f"{type(cause).__name__}: {cause})") from exc
+            where, cause = getattr(exc, "path", ()), exc
+            while cause.__cause__ is not None:  # equinox wraps the reader's error once per tree level
+                cause = cause.__cause__
+            raise ModelFileError(f"{eqx_file}: does not hold the arrays {json_file.name} describes (at "
+                                 f"{jax.tree_util.keystr(tuple(where))}: {type(cause).__name__}: {cause})") from exc
         if f.read(1):
             raise ModelFileError(f"{eqx_file}: has bytes after the arrays {json_file.name} describes")
     _check_tree(model, json_file)
