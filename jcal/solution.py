@@ -21,6 +21,7 @@ import numpy as np
 import jcal_models as jm
 
 from .data import InputError
+from .jax_setup import ensure_configured
 from .solver.compile import brief_jit
 from .solver.layout import bucket
 
@@ -56,6 +57,7 @@ def read_solution(path: str | Path, like: Any, ids: dict[str, str], pairs: tuple
     ids: maps each id list of the file to the group key whose size it gives.
     pairs: the id lists made of (visit, detector)-like pairs.
     extra_check: optional `f(document, ids, file)` checking more (photometry: bands)."""
+    ensure_configured()  # the model's float64 arrays load as float64
     file = Path(path).with_suffix(".json")
     arrays: dict[str, np.ndarray] = {}
 

@@ -57,7 +57,8 @@ def namespace(*arrays: Any):
         from array_api_compat import array_namespace
     except ImportError:
         return np
-    return array_namespace(*[a for a in arrays if not isinstance(a, (int, float, complex))])
+    arrays = [a for a in arrays if not isinstance(a, (int, float, complex, np.generic))]  # scalars: any namespace
+    return array_namespace(*arrays) if arrays else np
 
 
 def fixed_field(**kwargs: Any) -> Any:

@@ -118,7 +118,7 @@ class _Builder:
     """Checks a description and builds the skeleton it describes (arrays: shape/dtype only)."""
 
     def __init__(self, file: Path):
-        self.file, self.nbytes = file, 0
+        self.file, self.nbytes, self.jax64 = file, 0, False
 
     def fail(self, where: str, problem: str):
         raise ModelFileError(f"{self.file}: {where}: {problem}")
@@ -175,6 +175,7 @@ class _Builder:
         if backend not in ("jax", "numpy", "scalar") or (backend == "scalar" and shape):
             self.fail(where, f"backend {backend!r} is not 'jax', 'numpy' or 'scalar' (shape [])")
         self.nbytes += math.prod(shape) * np.dtype(dtype).itemsize
+        self.jax64 |= backend == "jax" and np.dtype(dtype).itemsize == 8
         if backend == "jax":
             return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
         if backend == "scalar":
@@ -275,6 +276,9 @@ def load(path: str | Path, like: Any = None, check: Any = None) -> tuple[Any, di
     if builder.nbytes > size:
         raise ModelFileError(f"{eqx_file}: {size} bytes, but {json_file.name} describes {builder.nbytes} bytes "
                              "of arrays: truncated, or not this model's arrays")
+    if builder.jax64 and not jax.config.jax_enable_x64:
+        raise RuntimeError(f"{json_file} holds 64-bit JAX arrays, but JAX's 64-bit mode is off: call "
+                           "jcal.configure() (or jax.config.update('jax_enable_x64', True)) before loading")
     with open(eqx_file, "rb") as f:
         try:
             model = eqx.tree_deserialise_leaves(f, skeleton)

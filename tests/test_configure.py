@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import jcal
@@ -95,6 +96,21 @@ def test_fit_configures_when_nobody_did_and_declining_x64_is_named():
             print(exc)
     """, JCAL_COMPILATION_CACHE="0")
     assert "jax_enable_x64 is off (jcal.configure(x64=False) was called)" in out
+
+
+def test_loading_a_saved_model_configures(tmp_path):
+    import jcal_models as jm
+    model = jm.simple_flux(np.array([1.5, 2.5]))  # float64: this process is configured
+    ids = dict(visits=np.array([1]), detectors=np.array([0, 1]), ccd_visits=np.array([[1, 0], [1, 1]]),
+               bands=("r",), visit_band=np.array([0]), band_detectors=np.array([[0, 0], [0, 1]]))
+    jcal.PhotometricSolution(model, **ids).save(tmp_path / "photometry_model")
+    out = _run(f"""
+        import jax, jcal
+        loaded = jcal.load_photometric_model({str(tmp_path / "photometry_model")!r})
+        print(jax.config.jax_enable_x64, loaded.model.ccd_visit.inner.value.dtype,
+              loaded.calibration(1, [0, 1], 5.0, 5.0).tolist())
+    """, JCAL_COMPILATION_CACHE="0")
+    assert out.split() == ["True", "float64", "[1.5,", "2.5]"]
 
 
 def test_cache_folder_must_be_private(tmp_path, monkeypatch):
