@@ -9,7 +9,7 @@ been indexed away (`gather`). So a researcher writes the single-point formula,
     class MyTerm(jm.Transform):
         coeffs: Float[Array, "2 3"]
         def __call__(self, x, y):
-            return x + self.coeffs[..., 0, :] @ (1, x, y), y + self.coeffs[..., 1, :] @ (1, x, y)
+            return x + self.coeffs[0] @ (1, x, y), y + self.coeffs[1] @ (1, x, y)
 
 wraps it in `Grouped(MyTerm(coeffs=jnp.zeros((n_visits, 2, 3))), by="visit")`, and the
 solver derives every per-measurement Jacobian block with `jax.jacrev` - no hand-written

@@ -217,3 +217,19 @@ def test_grouped_checks_its_group_axis():
                                  order=1), by="visit")
     with pytest.raises(TypeError, match="abstract"):
         jm.TangentPlaneAstrometry()
+
+
+def test_a_model_saved_before_format_2_loads_with_like(tmp_path):
+    """jcal's earlier files ("structure" + ids, same .eqx layout) load given a model of that form."""
+    rng = np.random.default_rng(3)
+    model = jm.simple_astrometry(rng.normal(size=(2, 2, 3)), np.zeros((2, 2)), np.ones((2, 2)), 1, np.array([1.0]),
+                                 np.array([2.0]))
+    ids = {"visits": [4], "detectors": [0, 1], "ccd_visits": [[4, 0], [4, 1]]}
+    (tmp_path / "model.json").write_text(json.dumps({"structure": {"form": "simple", "order": 1}, **ids}))
+    eqx.tree_serialise_leaves(tmp_path / "model.eqx", model)
+    with pytest.raises(jcal.InputError, match=r"saved by jcal before format 2: refit, or load with like="):
+        jcal.load_model(tmp_path / "model")
+    template = jax.tree.map(jnp.zeros_like, model)
+    loaded = jcal.load_model(tmp_path / "model", like=template)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded.model, model)))
+    assert loaded.ccd_visits.tolist() == ids["ccd_visits"]
