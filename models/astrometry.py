@@ -12,7 +12,6 @@ Both end with the inverse gnomonic projection about each visit's tangent point: 
 `__call__` (-> sky) from it.
 """
 
-
 import abc
 
 import equinox as eqx

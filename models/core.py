@@ -31,10 +31,9 @@ trigonometric is differentiated. See docs/model_forms.md.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
-
-import abc
 
 import equinox as eqx
 import jax
@@ -94,7 +93,8 @@ class Transform(AbstractForm):
 
     @abc.abstractmethod
     def __call__(self, x, y):
-        """(x, y) of one point (scalars, or arrays with a leading batch axis matching a batch view)."""
+        """The image of ONE point (x, y) under a gathered view; with numpy (`evaluate(..., xp=numpy)`)
+        the same formula is applied to arrays of points that share one group."""
 
     def __or__(self, other: "Transform") -> "Chain":
         return Chain(self, other)

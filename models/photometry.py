@@ -36,7 +36,6 @@ coefficients as GLOBAL (ungrouped) parameters, so the solver can fit ``c1`` join
 calibration; ``c0`` and ``c2`` are data (``c0`` is degenerate with the zero points).
 """
 
-
 import abc
 from typing import Any, ClassVar
 
@@ -189,10 +188,10 @@ class PhotometricStars(eqx.Module):
 
     def flux(self):
         """nJy, whatever the kind (on the full, ungathered module too)."""
-        return self.value if self.kind == "flux" else 10.0 ** (-0.4 * (self.value - AB_ZERO_POINT_NJY))
+        return to_calibration(self.value, self.kind)
 
     def magnitude(self):
-        return self.value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(self.value)
+        return to_zero_point(self.value, self.kind)
 
 
 @register
