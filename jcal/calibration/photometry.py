@@ -94,9 +94,9 @@ import pyarrow.parquet as pq
 
 import jcal_models as jm
 from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedFlux, ConstrainedMagnitude,
-                                    PhotometricStars, PhotometricTransform,
-                                    WithColourTerms, base_form, colour_terms, constrained_flux,
-                                    constrained_magnitude, freeze_colour_slope, simple_flux, simple_magnitude)
+                                    PhotometricStars, PhotometricTransform, WithColourTerms, base_form,
+                                    colour_terms, constrained_flux, constrained_magnitude, freeze_colour_slope,
+                                    simple_flux, simple_magnitude)
 
 from ..associate import Association
 from ..sky import unit_vectors
