@@ -27,6 +27,8 @@ if "--warm-cache" not in sys.argv:  # cold: compilation included, as on a first 
 
 import jcal  # noqa: E402
 
+jcal.configure()  # JAX set up before any computation (the cache folder above is private: mkdtemp)
+
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -11,6 +11,7 @@ from .associate import associate
 from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import fit_astrometry
+from .jax_setup import ensure_configured, require_float64
 from .result import FitResult
 
 log = logging.getLogger("jcal")
@@ -25,6 +26,12 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
     mapping_filter: bool pytree like the model marking fitted leaves (`jcal_models.freeze`).
     progress: optional callable(stage: str, chi2: float), called after each stage.
     """
+    ensure_configured()
+    if astrometry_model is not None:
+        if not isinstance(astrometry_model, jm.Transform):
+            raise TypeError(f"astrometry_model must be a jcal_models.Transform (e.g. a TangentPlaneAstrometry), "
+                            f"not {type(astrometry_model).__name__}; see docs/model_forms.md")
+        require_float64(astrometry_model, "astrometry_model")
     config = config or FitConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

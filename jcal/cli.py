@@ -56,6 +56,8 @@ def run_fit(data, config, out: Path, *, quiet: bool, overwrite: bool, timings: d
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from .jax_setup import configure
+    configure()  # first thing: XLA flags only take effect before JAX's first computation
     if argv and argv[0] == "fit":  # a thin shell over the Task facade
         _setup_logging("--quiet" in argv)
         from .task import JointcalTask

@@ -79,12 +79,7 @@ class FitResult:
 
     def _sip_order(self) -> int | None:
         """SIP order that represents the fitted model form exactly (None: choose per detector)."""
-        model = self.astrometry.model
-        if isinstance(model, jm.ConstrainedAstrometry):
-            return max(2, model.chip.inner.order * model.visit.inner.order)
-        if isinstance(model, jm.SimpleAstrometry):
-            return max(2, model.ccd_visit.inner.order)
-        return None
+        return self.astrometry.model.sip_order()
 
     def wcs_cards(self, ccd_visits=None) -> dict[tuple[int, int], tuple[list, float]]:
         """{(visit, detector): (FITS cards, approximation RMS in mas)}: TAN-SIP of the fitted map

@@ -1,12 +1,10 @@
 """jcal_models: jcal's model forms, pure JAX, one point at a time.
 
 Read `core.py` first: it states the contract a model form meets (single-point `__call__`,
-per-group parameters inside `Grouped`, fixed data in `fixed_field`s) and why.
+per-group parameters inside `Grouped`, fixed data in `fixed_field`s) and why; docs/model_forms.md
+says how to write, register and save a new form. Importing this package changes no JAX setting:
+forms hold float64 arrays only when 64-bit mode is on (`jcal.configure()`).
 """
-
-import jax
-
-jax.config.update("jax_enable_x64", True)  # sky positions need float64
 
 from .astrometry import (  # noqa: E402
     ConstrainedAstrometry,
@@ -19,6 +17,7 @@ from .astrometry import (  # noqa: E402
 from .basis import basis_2d, n_terms, term_powers  # noqa: E402
 from .core import (  # noqa: E402
     GLOBAL,
+    AbstractForm,
     Chain,
     Grouped,
     Transform,
@@ -28,8 +27,12 @@ from .core import (  # noqa: E402
     gather,
     group_keys,
     n_parameters,
+    namespace,
     parameter_filter,
 )
+from .registry import ModelFileError, class_name, describe, register, registered  # noqa: E402
+from .registry import load as load_form  # noqa: E402
+from .registry import save as save_form  # noqa: E402
 from .polynomial import Polynomial  # noqa: E402
 from .projection import direction, project, sky_to_tangent, tangent_basis, tangent_to_sky  # noqa: E402
 from .stars import MAS, Stars  # noqa: E402
@@ -51,5 +54,7 @@ from .photometry import (  # noqa: E402
     freeze_colour_slope,
     simple_flux,
     simple_magnitude,
+    to_calibration,
+    to_zero_point,
 )
 from . import extra  # noqa: E402  (more forms: radial term, pixel grid, turbulence field)

@@ -12,13 +12,14 @@ Both end with the inverse gnomonic projection about each visit's tangent point: 
 `__call__` (-> sky) from it.
 """
 
-from __future__ import annotations
+import abc
 
 import equinox as eqx
+from equinox import AbstractVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .core import Grouped, Transform, fixed_field
+from .core import Grouped, Transform, fixed_field, namespace
 from .polynomial import Polynomial
 from .projection import project, tangent_basis, tangent_to_sky
 
@@ -30,7 +31,7 @@ class TangentPlaneToSky(Transform):
     dec0: Float[Array, ""] = fixed_field()
 
     def __call__(self, xi, eta):
-        return tangent_to_sky(xi, eta, self.ra0, self.dec0)
+        return tangent_to_sky(xi, eta, self.ra0, self.dec0, xp=namespace(xi, eta, self.ra0, self.dec0))
 
     def project(self, w):
         """(xi, eta) [deg] in this plane of the direction `w` (see `projection`)."""
@@ -46,8 +47,17 @@ class TangentPlaneAstrometry(Transform):
     (ra, dec). A subclass that overrides `__call__` is fitted through (ra, dec) instead.
     """
 
-    def tangent(self, x, y):  # pragma: no cover - abstract
-        raise NotImplementedError
+    sky: AbstractVar[Grouped]  # TangentPlaneToSky, by "visit": every subclass declares it
+
+    def __check_init__(self):
+        sky = self.sky
+        if not (isinstance(sky, Grouped) and sky.by == "visit" and isinstance(sky.inner, TangentPlaneToSky)):
+            raise ValueError(f"{type(self).__name__}.sky must be Grouped(TangentPlaneToSky(...), by='visit'), "
+                             f"got {type(sky).__name__}")
+
+    @abc.abstractmethod
+    def tangent(self, x, y):
+        """pixels (x, y) -> (xi, eta) [deg] in the visit's tangent plane."""
 
     def __call__(self, x, y):
         return self.sky(*self.tangent(x, y))
@@ -79,7 +89,10 @@ class SimpleAstrometry(TangentPlaneAstrometry):
     def tangent(self, x, y):
         return self.ccd_visit(x, y)
 
-    # No `fix_gauge`: nothing is degenerate, every polynomial is pinned by its own stars.
+    # `fix_gauge` keeps the default: nothing is degenerate, every polynomial is pinned by its own stars.
+
+    def sip_order(self) -> int:
+        return max(2, self.ccd_visit.inner.order)
 
 
 def simple_astrometry(coeffs: Float[Array, "ccd_visits 2 terms"], pixel_center, pixel_half_width,
@@ -109,6 +122,8 @@ class ConstrainedAstrometry(TangentPlaneAstrometry):
         coeffs = mask.chip.inner.coeffs
         return eqx.tree_at(lambda m: m.chip.inner.coeffs, mask, coeffs.at[self.reference_detector].set(0.0))
 
+    def sip_order(self) -> int:
+        return max(2, self.chip.inner.order * self.visit.inner.order)
 
 
 def constrained_astrometry(chip_coeffs, chip_center, chip_half_width, chip_order: int,

@@ -6,7 +6,7 @@ out). Parameters that differ between detectors, visits or detector-visits live i
 group axis, and the solver hands the form, per measurement, a view in which that axis has
 been indexed away (`gather`). So a researcher writes the single-point formula,
 
-    class MyTerm(eqx.Module):
+    class MyTerm(jm.Transform):
         coeffs: Float[Array, "2 3"]
         def __call__(self, x, y):
             return x + self.coeffs[0] @ (1, x, y), y + self.coeffs[1] @ (1, x, y)
@@ -15,25 +15,49 @@ wraps it in `Grouped(MyTerm(coeffs=jnp.zeros((n_visits, 2, 3))), by="visit")`, a
 solver derives every per-measurement Jacobian block with `jax.jacrev` - no hand-written
 derivatives, and never a dense Jacobian over all parameters.
 
+Types: `Transform` (abstract `__call__`, `a | b` chains) is the base of every 2-d map; it is an
+`AbstractForm`, whose default hooks the fit calls on the form it is given (`fix_gauge`: nothing
+held; `first_stage`: none). Every subclass of `AbstractForm` is registered for saving by its
+module and name (`registry`); other modules inside a form register with `@register`.
+
 Which leaves are fitted: all inexact arrays except fields declared with `fixed_field()`
 (normalisation constants, tangent points) - see `parameter_filter`; `freeze` fixes more.
 
 An astrometric form that ends in each visit's tangent plane subclasses
 `astrometry.TangentPlaneAstrometry` and writes `tangent(x, y)` (pixels -> that plane) instead
 of `__call__`: the fit then compares measurements and stars in that plane, where nothing
-trigonometric is differentiated.
+trigonometric is differentiated. See docs/model_forms.md.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .registry import register
 
 GLOBAL = "global"  # group key of parameters shared by every measurement
+
+
+def namespace(*arrays: Any):
+    """The array namespace to evaluate with: jax.numpy if any argument is a JAX array (or a
+    tracer, as inside the fit), else the array-API namespace `array_api_compat` finds when it is
+    installed, else numpy. Forms call it on their inputs so that a fitted model evaluates on
+    numpy arrays without JAX tracing (`evaluate(..., xp=numpy)`)."""
+    if any(isinstance(a, jax.Array) for a in arrays):
+        return jnp
+    try:
+        from array_api_compat import array_namespace
+    except ImportError:
+        return np
+    arrays = [a for a in arrays if not isinstance(a, (int, float, complex, np.generic))]  # scalars: any namespace
+    return array_namespace(*arrays) if arrays else np
 
 
 def fixed_field(**kwargs: Any) -> Any:
@@ -41,11 +65,36 @@ def fixed_field(**kwargs: Any) -> Any:
     return eqx.field(metadata={"fixed": True}, **kwargs)
 
 
-class Transform(eqx.Module):
+class AbstractForm(eqx.Module):
+    """What the fit asks of the model form it is given, beyond evaluating it; subclasses are
+    registered for saving (`registry.register`) when they are defined."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
+
+    def fix_gauge(self, mask):
+        """`mask` (a 0/1 pytree shaped like the fitted parameters) with the parameters that the
+        form's degeneracies leave free set to 0. Default: nothing is degenerate."""
+        return mask
+
+    def first_stage(self, mask):
+        """The mask of a first, mapping-only stage run before all others (e.g. the base map
+        before added terms), or None for no such stage (the default)."""
+        return None
+
+    def sip_order(self) -> int | None:
+        """SIP order that represents an astrometric form exactly; None: chosen per detector."""
+        return None
+
+
+class Transform(AbstractForm):
     """A map of one 2-d point to another; `a | b` chains them (apply `a`, then `b`)."""
 
-    def __call__(self, x, y):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, x, y):
+        """The image of ONE point (x, y) under a gathered view; with numpy (`evaluate(..., xp=numpy)`)
+        the same formula is applied to arrays of points that share one group."""
 
     def __or__(self, other: "Transform") -> "Chain":
         return Chain(self, other)
@@ -71,6 +120,18 @@ class Grouped(Transform):
     inner: Transform
     by: str = eqx.field(static=True)
 
+    def __check_init__(self):
+        if not isinstance(self.by, str) or not self.by:
+            raise ValueError(f"Grouped: `by` must name a group key (a non-empty string), not {self.by!r}")
+        sizes = {jax.tree_util.keystr(path): leaf.shape[0] if leaf.ndim else None
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(self.inner) if hasattr(leaf, "ndim")}
+        if not sizes:
+            raise ValueError(f"Grouped(by={self.by!r}): `inner` holds no array, so there are no groups")
+        if None in sizes.values() or len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{k}: {v if v is not None else 'scalar'}" for k, v in sizes.items())
+            raise ValueError(f"Grouped(by={self.by!r}): every array of {type(self.inner).__name__} needs the same "
+                             f"leading group axis; leading lengths are {shown}")
+
     def __call__(self, x, y):
         return self.inner(x, y)
 
@@ -91,8 +152,8 @@ def gather(tree: Any, index: dict[str, jax.Array]) -> Any:
     """
 
     def select(node):
-        if _is_grouped(node):
-            return Grouped(jax.tree.map(lambda a: a[index[node.by]], node.inner), node.by)
+        if _is_grouped(node):  # tree.map rebuilds without __init__: a view has no group axis to check
+            return jax.tree.map(lambda a: a[index[node.by]], node)
         return node
 
     return jax.tree.map(select, tree, is_leaf=_is_grouped)
@@ -103,7 +164,7 @@ def group_keys(tree: Any) -> Any:
 
     def keys(node):
         if _is_grouped(node):
-            return Grouped(jax.tree.map(lambda _: node.by, node.inner), node.by)
+            return jax.tree.map(lambda _: node.by, node)
         return jax.tree.map(lambda _: GLOBAL, node)
 
     return jax.tree.map(keys, tree, is_leaf=_is_grouped)
@@ -140,6 +201,29 @@ def n_parameters(params: Any) -> int:
     return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def evaluate(model: Transform, index: dict[str, jax.Array], x: jax.Array, y: jax.Array):
-    """Evaluate a model form on arrays: measurement i uses groups `index[key][i]`."""
-    return jax.vmap(lambda idx, xi, yi: gather(model, idx)(xi, yi))(index, x, y)
+def evaluate(model: Transform, index: dict[str, Any], x: Any, y: Any, xp: Any = None):
+    """Evaluate a model form on arrays: measurement i uses groups `index[key][i]`.
+
+    `xp=None` (or jax.numpy): one vmapped JAX evaluation, differentiable. Any other namespace
+    (numpy): the model's arrays are taken to numpy and the form is called once per distinct
+    group combination on all its points at once (the single-point formula broadcast over
+    x, y), without JAX; results are returned as `xp` arrays."""
+    if xp is None or xp is jnp:
+        return jax.vmap(lambda idx, xi, yi: gather(model, idx)(xi, yi))(index, x, y)
+    host = jax.tree.map(np.asarray, model)
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keys = sorted(index)
+    combos = np.stack([np.asarray(index[k], dtype=np.int64).reshape(x.shape) for k in keys], axis=-1)
+    unique, inverse = np.unique(combos.reshape(-1, len(keys)), axis=0, return_inverse=True)
+    inverse = inverse.reshape(x.shape)
+    out = None
+    for g, combo in enumerate(unique):
+        sel = inverse == g
+        values = gather(host, dict(zip(keys, combo)))(x[sel], y[sel])
+        parts = values if isinstance(values, tuple) else (values,)
+        if out is None:
+            out = [np.empty(x.shape, np.result_type(np.asarray(p).dtype, float)) for p in parts]
+        for o, p in zip(out, parts):
+            o[sel] = p
+    out = [xp.asarray(o) for o in (out or [np.empty(x.shape)])]
+    return tuple(out) if len(out) > 1 else out[0]

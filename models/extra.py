@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from .astrometry import ConstrainedAstrometry, TangentPlaneAstrometry
-from .core import Grouped, Transform, fixed_field
+from .core import Grouped, Transform, fixed_field, namespace
 
 
 def _zero_where(mask, where, index):
@@ -42,13 +43,15 @@ def _zero_all(mask, where):
 def bilinear(values, x, y, lo, hi):
     """Bilinear interpolation of a (ny, nx, 2) node grid spanning [lo, hi] at the point (x, y).
 
-    Points outside the box are extrapolated linearly from the edge cells."""
+    Points outside the box are extrapolated linearly from the edge cells. `x`, `y` may be
+    arrays of points (the result then has their shape + (2,))."""
+    xp = namespace(values, x, y)
     ny, nx = values.shape[0], values.shape[1]
     s = (x - lo[0]) / (hi[0] - lo[0]) * (nx - 1)
     t = (y - lo[1]) / (hi[1] - lo[1]) * (ny - 1)
-    i = jnp.clip(jnp.floor(s), 0, nx - 2).astype(int)
-    j = jnp.clip(jnp.floor(t), 0, ny - 2).astype(int)
-    fs, ft = s - i, t - j
+    i = xp.clip(xp.floor(s), 0, nx - 2).astype(int)
+    j = xp.clip(xp.floor(t), 0, ny - 2).astype(int)
+    fs, ft = (s - i)[..., None], (t - j)[..., None]  # broadcast against the trailing (dx, dy) axis
     v00, v01 = values[j, i], values[j, i + 1]
     v10, v11 = values[j + 1, i], values[j + 1, i + 1]
     return (1 - ft) * ((1 - fs) * v00 + fs * v01) + ft * ((1 - fs) * v10 + fs * v11)
@@ -106,7 +109,7 @@ def radial_astrometry(initial: ConstrainedAstrometry, optical_center=None, k=(0.
 
 
 # every group's four corner nodes (the grid's bilinear part duplicates the polynomial's)
-_CORNERS = (slice(None), jnp.array([0, 0, -1, -1]), jnp.array([0, -1, 0, -1]))
+_CORNERS = (slice(None), np.array([0, 0, -1, -1]), np.array([0, -1, 0, -1]))  # numpy: import runs no JAX
 
 
 # -- (b) per-chip pixel grid ------------------------------------------------------------------------
@@ -119,7 +122,7 @@ class PixelGrid(Transform):
 
     def __call__(self, x, y):
         d = bilinear(self.offsets, x, y, self.lo, self.hi)
-        return x + d[0], y + d[1]
+        return x + d[..., 0], y + d[..., 1]
 
 
 class PixelGridAstrometry(TangentPlaneAstrometry):
@@ -163,7 +166,7 @@ class TurbulentVisit(Transform):
     def __call__(self, u, v):
         xi, eta = self.poly(u, v)
         d = bilinear(self.field, u, v, self.lo, self.hi)
-        return xi + d[0], eta + d[1]
+        return xi + d[..., 0], eta + d[..., 1]
 
 
 class TurbulentAstrometry(TangentPlaneAstrometry):

@@ -36,21 +36,23 @@ coefficients as GLOBAL (ungrouped) parameters, so the solver can fit ``c1`` join
 calibration; ``c0`` and ``c2`` are data (``c0`` is degenerate with the zero points).
 """
 
-from __future__ import annotations
-
+import abc
 from typing import Any, ClassVar
 
 import equinox as eqx
+from equinox import AbstractClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .basis import basis_2d
-from .core import Grouped, fixed_field
+from .core import AbstractForm, Grouped, fixed_field, namespace
+from .registry import register
 
 AB_ZERO_POINT_NJY = 31.4  # AB magnitude of 1 nJy
 KINDS = ("flux", "magnitude")
 
 
+@register
 class Constant(eqx.Module):
     """A value that does not depend on the position (one per group inside `Grouped`)."""
 
@@ -60,6 +62,7 @@ class Constant(eqx.Module):
         return self.value
 
 
+@register
 class ChebyshevField(eqx.Module):
     """sum_k a_k T_i(u) T_j(v) over total degree <= order; u = (x - cx) / hx, v = (y - cy) / hy."""
 
@@ -71,26 +74,37 @@ class ChebyshevField(eqx.Module):
     def __call__(self, x, y):
         u = (x - self.center[0]) / self.half_width[0]
         v = (y - self.center[1]) / self.half_width[1]
-        return basis_2d(u, v, self.order, "chebyshev") @ self.coeffs
+        return basis_2d(u, v, self.order, "chebyshev", xp=namespace(u, v, self.coeffs)) @ self.coeffs
 
 
-class PhotometricTransform(eqx.Module):
-    """Base of photometric forms: `__call__(x, y)` gives c (flux kind) or z (magnitude kind)."""
+class PhotometricTransform(AbstractForm):
+    """Base of photometric forms: `__call__(x, y)` gives c (flux kind) or z (magnitude kind).
 
-    kind: ClassVar[str] = "flux"
+    A form declares its `kind` ("flux" or "magnitude") as a class attribute (or a property)."""
 
-    def __call__(self, x, y):  # pragma: no cover - abstract
-        raise NotImplementedError
+    kind: AbstractClassVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, x, y):
+        """c [nJy/count] (flux kind) or z [AB mag of one count] (magnitude kind) at one pixel."""
 
     def calibration(self, x, y):
         """nJy per count at one pixel (a gathered view)."""
-        value = self(x, y)
-        return value if self.kind == "flux" else 10.0 ** (-0.4 * (value - AB_ZERO_POINT_NJY))
+        return to_calibration(self(x, y), self.kind)
 
     def zero_point(self, x, y):
         """AB magnitude of one count at one pixel."""
-        value = self(x, y)
-        return value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(value)
+        return to_zero_point(self(x, y), self.kind)
+
+
+def to_calibration(value, kind: str):
+    """nJy per count from a form's value of `kind`."""
+    return value if kind == "flux" else 10.0 ** (-0.4 * (value - AB_ZERO_POINT_NJY))
+
+
+def to_zero_point(value, kind: str):
+    """AB magnitude of one count from a form's value of `kind`."""
+    return value if kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * namespace(value).log10(value)
 
 
 class SimpleFlux(PhotometricTransform):
@@ -157,6 +171,7 @@ class ConstrainedMagnitude(_Constrained):
         return self.detector(x, y) + self.visit(fx, fy)
 
 
+@register
 class PhotometricStars(eqx.Module):
     """Fitted flux [nJy] (kind "flux") or AB magnitude (kind "magnitude") of every star in every band.
 
@@ -173,12 +188,13 @@ class PhotometricStars(eqx.Module):
 
     def flux(self):
         """nJy, whatever the kind (on the full, ungathered module too)."""
-        return self.value if self.kind == "flux" else 10.0 ** (-0.4 * (self.value - AB_ZERO_POINT_NJY))
+        return to_calibration(self.value, self.kind)
 
     def magnitude(self):
-        return self.value if self.kind == "magnitude" else AB_ZERO_POINT_NJY - 2.5 * jnp.log10(self.value)
+        return to_zero_point(self.value, self.kind)
 
 
+@register
 class ColourTerms(eqx.Module):
     """Per fitted band b: delta_b(colour) = c0_b + c1_b colour + c2_b colour**2 [mag], the
     instrument-minus-reference magnitude of a star whose reference colour (primary - secondary,
@@ -221,8 +237,7 @@ class WithColourTerms(PhotometricTransform):
 
     def fix_gauge(self, mask):
         """The base form's gauge, and c1 held for bands whose colour term is not fitted."""
-        if hasattr(self.base, "fix_gauge"):
-            mask = eqx.tree_at(lambda m: m.base, mask, self.base.fix_gauge(mask.base))
+        mask = eqx.tree_at(lambda m: m.base, mask, self.base.fix_gauge(mask.base))
         if mask.colour.slope is None:  # c1 not a parameter at all (mapping filter)
             return mask
         free = jnp.asarray(self.colour.fitted, dtype=mask.colour.slope.dtype)
@@ -234,13 +249,12 @@ class WithColourTerms(PhotometricTransform):
             return mask
         return eqx.tree_at(lambda m: m.colour.slope, mask, jnp.zeros_like(mask.colour.slope))
 
-    @property
-    def first_stage(self):
-        """The base form's first-stage mask function with the colour terms held, or None."""
-        base_first = getattr(self.base, "first_stage", None)
+    def first_stage(self, mask):
+        """The base form's first-stage mask with the colour terms held, or None (no first stage)."""
+        base_first = self.base.first_stage(mask.base)
         if base_first is None:
             return None
-        return lambda mask: self.hold_colour(eqx.tree_at(lambda m: m.base, mask, base_first(mask.base)))
+        return self.hold_colour(eqx.tree_at(lambda m: m.base, mask, base_first))
 
 
 def colour_terms(primary, secondary, c0, c1, c2, fitted) -> ColourTerms:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from .basis import basis_2d, n_terms
-from .core import Transform, fixed_field
+from .core import Transform, fixed_field, namespace
 
 
 class Polynomial(Transform):
@@ -26,7 +25,7 @@ class Polynomial(Transform):
     def __call__(self, x, y):
         u = (x - self.center[0]) / self.half_width[0]
         v = (y - self.center[1]) / self.half_width[1]
-        b = basis_2d(u, v, self.order, self.family)
+        b = basis_2d(u, v, self.order, self.family, xp=namespace(u, v, self.coeffs))
         return b @ self.coeffs[0], b @ self.coeffs[1]
 
     @staticmethod

@@ -11,12 +11,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .core import fixed_field
+from .core import fixed_field, namespace
+from .registry import register
 from .projection import direction, tangent_basis, tangent_to_sky
 
 MAS = 1.0 / 3.6e6  # degrees per milliarcsecond
 
 
+@register
 class Stars(eqx.Module):
     """Every array has a leading star axis; the solver gathers one star per measurement."""
 
@@ -43,7 +45,7 @@ class Stars(eqx.Module):
 
     def position(self, epoch):
         """(ra, dec) [deg] of ONE star (a gathered view) at `epoch` [yr]."""
-        return tangent_to_sky(*self.offset_at(epoch), self.ra0, self.dec0)
+        return tangent_to_sky(*self.offset_at(epoch), self.ra0, self.dec0, xp=namespace(self.offset, self.ra0))
 
     def direction(self, epoch):
         """A direction (3-vector, not normalised) towards ONE star at `epoch` [yr]: `position`

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import jcal
 
+jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
+
 sim = jcal.simulate("tiny", seed=1)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 

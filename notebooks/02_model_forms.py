@@ -9,6 +9,8 @@ from jcal.associate import associate
 from jcal.calibration.initialise import initial_astrometric_model
 from jcal_models import extra
 
+jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
+
 sim = jcal.simulate("tiny", seed=1)
 config = jcal.FitConfig(visit_order=3, photometry=False)
 init = initial_astrometric_model(sim.data, associate(sim.data, config), config)

@@ -12,6 +12,8 @@ import numpy as np
 import jcal
 import jcal_models as jm
 
+jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
+
 sim = jcal.simulate("tiny", seed=1)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 fit = result.astrometry

@@ -9,6 +9,8 @@ import numpy as np
 import jcal
 from jcal.io.lsst import read_lsst
 
+jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
+
 folder = Path("..") / "tests" / "data" / "cfht_minimal"  # shipped with jcal (its README: provenance)
 inputs = read_lsst(folder, reference_error_mas=10)
 data = inputs.data

@@ -112,7 +112,7 @@ def test_colour_term_enters_through_the_star_and_autodiff():
     assert float(grad.colour.slope[1]) == 0.0
     ones = jax.tree.map(jnp.ones_like, eqx.filter(model, jm.parameter_filter(model)))
     np.testing.assert_array_equal(np.asarray(model.fix_gauge(ones).colour.slope), [1.0, 0.0])  # band 2: no term
-    assert model.first_stage is None  # simple forms have no first stage, with or without colour terms
+    assert model.first_stage(ones) is None  # simple forms have no first stage, with or without colour terms
 
 
 def test_simulated_colour_terms_and_truth_files(tmp_path):

@@ -34,6 +34,7 @@ from ..associate import Association
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
+from ..jax_setup import ensure_configured
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, implicit_function, small_linalg
 from ..solver.compile import brief_jit
 from ..solver.gauss_newton import unflatten_stars
@@ -186,6 +187,7 @@ WARM_UP_LOOSENING = 100.0
 def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, model: jm.Transform | None = None,
                    mapping_filter=None, progress=None) -> AstrometryFit:
     """Staged Gauss-Newton fit with outlier rejection (jointcal's recipe, vectorised)."""
+    ensure_configured()  # 64-bit floats, before any array is made
     t_start = time.perf_counter()
     visit_epoch = dict(zip(data.visits.visit.tolist(), data.visits.epoch.tolist()))
     src = data.sources
@@ -214,8 +216,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     # masks: gauge (model-specific) and per-star proper-motion freedom
     pm_params, _ = eqx.partition(model, solver.mapping_filter)
     ones = jax.tree.map(jnp.ones_like, pm_params)
-    gauge = getattr(model, "fix_gauge", None)
-    mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
+    mapping_mask = solver.mapping_mask(model.fix_gauge(ones))
     star_mask = np.ones((solver.stars_real, 4 if proper_motion else 2))
 
     state = solver.new_state(model, stars, np.ones(solver.n_real), np.maximum(has_ref, proper_motion).astype(float))
@@ -260,11 +261,11 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         return new
 
     # a form whose added terms need the base map settled first says so (`first_stage`)
-    first_stage = getattr(model, "first_stage", None)
+    first_stage = model.first_stage(ones)
     # the stages before the joint one only prepare its start: converged 100x more loosely
     warm_up = WARM_UP_LOOSENING * config.tolerance
     if first_stage is not None:  # e.g. visit terms only, detectors held
-        state = stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)), True,
+        state = stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage), True,
                       tolerance=warm_up)
     state = stage("mappings", True, False, mapping_mask, True, tolerance=warm_up)
     state = stage("stars", False, True, mapping_mask, tolerance=warm_up)

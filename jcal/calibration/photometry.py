@@ -79,7 +79,6 @@ measurements tie it down (`PhotometryFit.informative`, metric
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -95,15 +94,16 @@ import pyarrow.parquet as pq
 
 import jcal_models as jm
 from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedFlux, ConstrainedMagnitude,
-                                    PhotometricStars, PhotometricTransform, SimpleFlux, SimpleMagnitude,
-                                    WithColourTerms, base_form, colour_terms, constrained_flux,
-                                    constrained_magnitude, freeze_colour_slope, simple_flux, simple_magnitude)
+                                    PhotometricStars, PhotometricTransform, WithColourTerms, base_form,
+                                    colour_terms, constrained_flux, constrained_magnitude, freeze_colour_slope,
+                                    simple_flux, simple_magnitude)
 
 from ..associate import Association
 from ..sky import unit_vectors
-from ..solution import evaluate_model
+from ..solution import evaluate_model, read_solution
 from ..config import FitConfig
 from ..data import InputData, InputError
+from ..jax_setup import ensure_configured
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem
 from ..solver.compile import brief_jit
 from .initialise import initial_astrometric_model
@@ -170,46 +170,25 @@ def _group_keys_used(model) -> set[str]:
     return set(jax.tree.leaves(jm.group_keys(model)))
 
 
-def _structure(model: PhotometricTransform) -> dict:
-    if isinstance(model, WithColourTerms):
-        c = model.colour
-        return {**_structure(model.base), "colour_terms": {"primary": list(c.primary),
-                                                          "secondary": list(c.secondary),
-                                                          "fitted": list(c.fitted)}}
-    if isinstance(model, (SimpleFlux, SimpleMagnitude)):
-        return {"form": "simple_flux" if isinstance(model, SimpleFlux) else "simple_magnitude",
-                "n_ccd_visits": model.ccd_visit.n_groups}
-    if isinstance(model, (ConstrainedFlux, ConstrainedMagnitude)):
-        focal = model.focal.inner
-        if not isinstance(focal, jm.Polynomial):
-            raise TypeError("only a Polynomial focal-plane map can be described for saving")
-        return {"form": "constrained_flux" if isinstance(model, ConstrainedFlux) else "constrained_magnitude",
-                "order": model.visit.inner.order, "n_visits": model.visit.n_groups,
-                "n_band_detectors": model.detector.n_groups, "n_detectors": model.focal.n_groups,
-                "focal_order": focal.order, "focal_family": focal.family,
-                "reference_detectors": list(model.reference_detectors)}
-    raise TypeError(f"cannot describe a {type(model).__name__} for saving")
+# id lists of a saved photometric solution and the group key whose size each one gives
+PHOTOMETRY_IDS = {"visits": "visit", "detectors": "detector", "ccd_visits": "ccd_visit",
+                  "band_detectors": "band_detector"}
 
 
-def _skeleton(s: dict) -> PhotometricTransform:
-    z = np.zeros
-    if "colour_terms" in s:
-        c = s["colour_terms"]
-        n = len(c["primary"])
-        base = _skeleton({k: v for k, v in s.items() if k != "colour_terms"})
-        return WithColourTerms(base, colour_terms(c["primary"], c["secondary"], z(n), z(n), z(n), c["fitted"]))
-    if s["form"] in ("simple_flux", "simple_magnitude"):
-        make = simple_flux if s["form"] == "simple_flux" else simple_magnitude
-        return make(z(s["n_ccd_visits"]))
-    if s["form"] in ("constrained_flux", "constrained_magnitude"):
-        d, v = s["n_detectors"], s["n_visits"]
-        focal = jm.Grouped(jm.Polynomial(coeffs=jnp.asarray(z((d, 2, jm.n_terms(s["focal_order"])))),
-                                         center=jnp.asarray(z((d, 2))), half_width=jnp.asarray(z((d, 2))),
-                                         order=s["focal_order"], family=s["focal_family"]), by="detector")
-        make = constrained_flux if s["form"] == "constrained_flux" else constrained_magnitude
-        return make(focal, z(s["n_band_detectors"]), z((v, jm.n_terms(s["order"]))), z((v, 2)), z((v, 2)),
-                    s["order"], s["reference_detectors"])
-    raise ValueError(f"unknown photometric model form {s['form']!r} in saved structure")
+def _check_bands(document: dict, ids: dict[str, np.ndarray], file: Path) -> None:
+    """A saved photometric solution's bands: names, one band per visit, band-detector rows in range."""
+    bands, visit_band = document.get("bands"), document.get("visit_band")
+    if not isinstance(bands, list) or not all(isinstance(b, str) for b in bands):
+        raise InputError(f"{file}: 'bands' must be a list of band names")
+    if (not isinstance(visit_band, list) or len(visit_band) != len(ids["visits"])
+            or not all(type(b) is int and 0 <= b < len(bands) for b in visit_band)):
+        raise InputError(f"{file}: 'visit_band' must give, per visit ({len(ids['visits'])}), an index into 'bands'")
+    bd = ids["band_detectors"]
+    if bd.size and (bd[:, 0].max() >= len(bands) or bd[:, 1].max() >= len(ids["detectors"]) or bd.min() < 0):
+        raise InputError(f"{file}: 'band_detectors' rows must be (band index, detector index) within range")
+    errors = document.get("colour_slope_errors")
+    if errors is not None and (not isinstance(errors, list) or len(errors) != len(bands)):
+        raise InputError(f"{file}: 'colour_slope_errors' must list one value per band")
 
 
 @brief_jit
@@ -299,43 +278,58 @@ class PhotometricSolution:
         return {"visit": jnp.asarray(vi), "detector": jnp.asarray(di), "ccd_visit": jnp.asarray(ki),
                 "band_detector": jnp.asarray(gi)}
 
-    def evaluate(self, visit, detector, x, y) -> tuple[np.ndarray, np.ndarray]:
-        """(calibration nJy/count, zero point AB mag of one count); arguments broadcast together."""
+    def evaluate(self, visit, detector, x, y, xp=None) -> tuple[Any, Any]:
+        """(calibration nJy/count, zero point AB mag of one count); arguments broadcast together.
+
+        xp: None evaluates with JAX; an array namespace (numpy) evaluates without JAX."""
         visit, detector, x, y = np.broadcast_arrays(visit, detector, np.asarray(x, float), np.asarray(y, float))
-        c, z = _evaluate(self.model, self.index(visit, detector), jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
+        index = self.index(visit, detector)
+        if xp is not None and xp is not jnp:
+            value = jm.evaluate(self.model, {k: np.asarray(v) for k, v in index.items()}, x.ravel(), y.ravel(), xp=xp)
+            kind = self.model.kind
+            return (xp.reshape(jm.to_calibration(value, kind), x.shape),
+                    xp.reshape(jm.to_zero_point(value, kind), x.shape))
+        c, z = _evaluate(self.model, index, jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
         return np.asarray(c).reshape(x.shape), np.asarray(z).reshape(x.shape)
 
-    def calibration(self, visit, detector, x, y) -> np.ndarray:
+    def calibration(self, visit, detector, x, y, xp=None) -> np.ndarray:
         """nJy per count at 0-based pixels of detector-visits (by id): calibrated flux = instFlux x this."""
-        return self.evaluate(visit, detector, x, y)[0]
+        return self.evaluate(visit, detector, x, y, xp)[0]
 
-    def zero_point(self, visit, detector, x, y) -> np.ndarray:
+    def zero_point(self, visit, detector, x, y, xp=None) -> np.ndarray:
         """AB magnitude of one count: 31.4 - 2.5 log10(calibration)."""
-        return self.evaluate(visit, detector, x, y)[1]
+        return self.evaluate(visit, detector, x, y, xp)[1]
 
     def save(self, path: str | Path) -> None:
-        """Write `<path>.json` (structure and ids) and `<path>.eqx` (array leaves, no pickle)."""
-        path = Path(path)
-        meta = {"structure": _structure(self.model), "visits": self.visits.tolist(),
+        """Write `<path>.json` (model tree and ids) and `<path>.eqx` (array leaves, no pickle)."""
+        meta = {"kind": "photometry", "visits": self.visits.tolist(),
                 "detectors": self.detectors.tolist(), "ccd_visits": self.ccd_visits.tolist(),
                 "bands": list(self.bands), "visit_band": self.visit_band.tolist(),
                 "band_detectors": self.band_detectors.tolist()}
         if self.colour_slope_errors is not None:
             meta["colour_slope_errors"] = np.asarray(self.colour_slope_errors, float).tolist()
             meta["colour_terms"] = self.colour_terms()  # for reading; the values reload from the .eqx
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-        eqx.tree_serialise_leaves(path.with_suffix(".eqx"), self.model)
+        jm.save_form(path, self.model, meta)
 
     @classmethod
     def load(cls, path: str | Path, like: PhotometricTransform | None = None) -> "PhotometricSolution":
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        skeleton = like if like is not None else _skeleton(meta["structure"])
-        model = eqx.tree_deserialise_leaves(path.with_suffix(".eqx"), skeleton)
-        return cls(model, np.array(meta["visits"], np.int64), np.array(meta["detectors"], np.int64),
-                   np.array(meta["ccd_visits"], np.int64).reshape(-1, 2), tuple(meta["bands"]),
-                   np.array(meta["visit_band"], np.int64), np.array(meta["band_detectors"], np.int64).reshape(-1, 2),
-                   np.array(meta["colour_slope_errors"], float) if "colour_slope_errors" in meta else None)
+        """Reload `save`'s files, checked whole first (`jcal.solution.read_solution`)."""
+        model, meta, ids = read_solution(path, like, PHOTOMETRY_IDS, ("ccd_visits", "band_detectors"), _check_bands)
+        errors = meta.get("colour_slope_errors")
+        return cls(model, ids["visits"], ids["detectors"], ids["ccd_visits"], tuple(meta["bands"]),
+                   np.array(meta["visit_band"], np.int64), ids["band_detectors"],
+                   None if errors is None else np.array(errors, float))
+
+
+def save_photometric_model(solution, path: str | Path) -> None:
+    """Save a fitted photometric model (a `PhotometricSolution`, or a `PhotometryFit`'s or
+    `FitResult`'s) as `<path>.json` + `<path>.eqx`; `load_photometric_model(path)` reloads it."""
+    solution = getattr(solution, "photometry", solution)
+    solution = getattr(solution, "solution", solution)
+    if not isinstance(solution, PhotometricSolution):
+        raise TypeError(f"save_photometric_model takes a PhotometricSolution, PhotometryFit or FitResult with "
+                        f"photometry, not {type(solution).__name__}")
+    solution.save(path)
 
 
 def load_photometric_model(path: str | Path, like: PhotometricTransform | None = None) -> PhotometricSolution:
@@ -910,6 +904,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         `config.photometry_model` says); its groups must follow `assoc`'s order (and
         "band_detector" the order of unique (band index, detector index) pairs).
     """
+    ensure_configured()  # 64-bit floats, before any array is made
     t_start = time.perf_counter()
     form = config.photometry_model
     src = data.sources
@@ -1044,8 +1039,7 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
 
     pm_params, _ = eqx.partition(model, solver.mapping_filter)
     ones = jax.tree.map(jnp.ones_like, pm_params)
-    gauge = getattr(model, "fix_gauge", None)
-    mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
+    mapping_mask = solver.mapping_mask(model.fix_gauge(ones))
     hold_colour = getattr(model, "hold_colour", None)  # colour terms move only with the stars
     stars_held_mask = mapping_mask * solver.mapping_mask(hold_colour(ones)) if hold_colour else mapping_mask
 
@@ -1087,9 +1081,9 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         if progress:
             progress(f"photometry {name}", state.history[-1]["chi2"] if state.history else float("nan"))
 
-    first_stage = getattr(model, "first_stage", None)
+    first_stage = model.first_stage(ones)
     if first_stage is not None:  # visit fields only, detectors held
-        stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage(ones)))
+        stage("visits", True, False, mapping_mask * solver.mapping_mask(first_stage))
     stage("model", True, False, stars_held_mask)
     stage("stars", False, True, mapping_mask)
 

@@ -342,7 +342,9 @@ class JointcalTask(Task):
     @timeMethod
     def run(self, data: InputData, *, astrometry_model=None, mapping_filter=None, progress=None) -> Struct:
         """Fit `data`; Struct(wcsHeaders, photoCalibs, stars, metrics, fitResult, oldWcsList)."""
+        from ..jax_setup import ensure_configured
         from ..result import FitResult
+        ensure_configured()
         c = self.config
         fitConfig = c.toFitConfig()
         sel = self.sourceSelector.run(data.sources)
