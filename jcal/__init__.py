@@ -20,40 +20,62 @@ if os.environ.get("JCAL_XLA_MULTITHREAD") != "1" and "xla_cpu_multi_thread_eigen
         "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
-import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)  # sky positions need float64
-# CPU async dispatch hangs some large programs for good (jax-ml/jax#25861, seen here too);
-# jcal synchronises after every step anyway, so nothing is lost by turning it off.
-jax.config.update("jax_cpu_enable_async_dispatch", False)
-# Compiled steps persist across processes (a new fit of a similar survey skips compilation).
-# JCAL_COMPILATION_CACHE=DIR chooses the folder, =0 turns it off.
+# JAX's settings: x64 (sky positions need float64); no CPU async dispatch (it hangs some large
+# programs for good, jax-ml/jax#25861, seen here too; jcal synchronises after every step anyway);
+# compiled steps persist across processes (a new fit of a similar survey skips compilation;
+# JCAL_COMPILATION_CACHE=DIR chooses the folder, =0 turns it off). Programs compiling in over
+# 0.1 s are kept (15 of ~100 per medium fit, ~1 MB): reading and fitting medium again takes
+# 15.6 s, against ~21 s at 0.5 s; keeping all ~100 saved 1 s more but cost ~0.5 s of a cold fit.
+# Set through JAX's environment variables when JAX is not imported yet, so that `import jcal`
+# (and `jcal --help`) does not pay for importing JAX: whichever module imports it first gets
+# these settings.
 _cache = os.environ.get("JCAL_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jcal", "xla"))
-if _cache != "0" and not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", _cache)
-    # Programs compiling in over 0.1 s are kept (15 of ~100 per medium fit, ~1 MB): reading and
-    # fitting medium again takes 15.6 s, against ~21 s at 0.5 s (most of jcal's programs compile
-    # in 0.1-0.5 s). Keeping all ~100 saved 1 s more but cost ~0.5 s of a cold fit.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+_JAX_SETTINGS = {"jax_enable_x64": True, "jax_cpu_enable_async_dispatch": False}
+if _cache != "0":
+    _JAX_SETTINGS.update(jax_compilation_cache_dir=_cache, jax_persistent_cache_min_compile_time_secs=0.1)
 
-from .api import fit  # noqa: E402
-from .associate import Association, associate  # noqa: E402
-from .config import ConfigError, FitConfig  # noqa: E402
-from .data import (  # noqa: E402
-    Camera,
-    CcdVisit,
-    InputData,
-    InputError,
-    ReferenceCatalog,
-    SourceCatalog,
-    VisitTable,
-)
-from .io import read_input, write_input  # noqa: E402
-from .result import FitResult  # noqa: E402
-from .simulate import SimConfig, Simulation, simulate, write_simulation  # noqa: E402
-from .calibration.photometry import PhotometricSolution, load_photometric_model  # noqa: E402
-from .solution import AstrometricSolution, load_model  # noqa: E402
-from .solver import FitError, SingularSystemError  # noqa: E402
+
+def _configure_jax() -> None:
+    import sys
+    if "jax" not in sys.modules:
+        for name, value in _JAX_SETTINGS.items():
+            if name == "jax_compilation_cache_dir" and os.environ.get(name.upper()):
+                continue  # the user's own cache folder wins
+            os.environ[name.upper()] = str(value) if not isinstance(value, bool) else str(int(value))
+        return
+    import jax
+    for name, value in _JAX_SETTINGS.items():
+        if name == "jax_compilation_cache_dir" and jax.config.jax_compilation_cache_dir:
+            continue
+        jax.config.update(name, value)
+
+
+_configure_jax()
+
+# The public names, imported on first use (PEP 562): `import jcal` stays cheap.
+_EXPORTS = {
+    "fit": ".api", "Association": ".associate", "associate": ".associate", "ConfigError": ".config",
+    "FitConfig": ".config", "Camera": ".data", "CcdVisit": ".data", "InputData": ".data", "InputError": ".data",
+    "ReferenceCatalog": ".data", "SourceCatalog": ".data", "VisitTable": ".data", "read_input": ".io",
+    "write_input": ".io", "FitResult": ".result", "SimConfig": ".simulate", "Simulation": ".simulate",
+    "simulate": ".simulate", "write_simulation": ".simulate", "PhotometricSolution": ".calibration.photometry",
+    "load_photometric_model": ".calibration.photometry", "AstrometricSolution": ".solution",
+    "load_model": ".solution", "FitError": ".solver", "SingularSystemError": ".solver",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jcal' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import did_you_mean
+
 __all__ = ["Config", "Field", "ChoiceField", "RangeField", "ListField", "ConfigurableField",
            "ConfigurableInstance", "FieldValidationError", "FrozenConfigError", "parse_value"]
 
@@ -304,8 +306,8 @@ class Config:
             value = parse_value(value)
         head, _, rest = key.partition(".")
         if head not in self._fields:
-            raise FieldValidationError(f"unknown config field {key!r} in {type(self).__name__}; "
-                                       f"fields: {list(self._fields)}")
+            raise FieldValidationError(f"unknown config field {key!r} in {type(self).__name__}"
+                                       f"{did_you_mean(head, self._fields)}; fields: {list(self._fields)}")
         if rest:
             if not isinstance(self._fields[head], ConfigurableField):
                 raise FieldValidationError(f"config field {head!r} has no sub-fields (in override {key!r})")
@@ -330,8 +332,8 @@ class Config:
             if key == "__target__":
                 continue
             if key not in self._fields:
-                raise FieldValidationError(f"unknown config field {where + key!r} in {type(self).__name__}; "
-                                           f"fields: {list(self._fields)}")
+                raise FieldValidationError(f"unknown config field {where + key!r} in {type(self).__name__}"
+                                           f"{did_you_mean(key, self._fields)}; fields: {list(self._fields)}")
             f = self._fields[key]
             if isinstance(f, ConfigurableField):
                 if not isinstance(value, dict):
