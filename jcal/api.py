@@ -11,7 +11,7 @@ from .associate import associate
 from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import fit_astrometry
-from .progress import step
+from .progress import capture_warnings, step
 from .result import FitResult
 
 log = logging.getLogger("jcal")
@@ -28,6 +28,13 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
         `jcal.progress.Progress` also shows association and each fit as a step.
     """
     config = config or FitConfig()
+    with capture_warnings([]) as warnings:
+        result = _fit(data, config, astrometry_model, mapping_filter, progress)
+    result.warnings.extend(warnings)
+    return result
+
+
+def _fit(data, config, astrometry_model, mapping_filter, progress) -> FitResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with step(progress, "associating detections"):

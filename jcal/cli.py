@@ -100,10 +100,11 @@ def _setup_logging(quiet: bool) -> None:
 
     handler = TqdmLoggingHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s" if quiet else "%(name)s: %(message)s"))
+    handler.setLevel(logging.ERROR if quiet else logging.INFO)  # quiet hides warnings; the outputs record them
     root = logging.getLogger("jcal")
     root.handlers[:] = [handler]
     root.propagate = False
-    root.setLevel(logging.ERROR if quiet else logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

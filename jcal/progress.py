@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["Progress", "TqdmLoggingHandler", "step"]
+__all__ = ["Progress", "TqdmLoggingHandler", "capture_warnings", "step"]
 
 
 class Progress:
@@ -44,17 +44,22 @@ class Progress:
             while not stop.wait(0.5):
                 bar.refresh()
 
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
+        # on a terminal only: a log file would fill with redrawn lines
+        ticker = threading.Thread(target=tick, daemon=True) if _is_terminal(bar.fp) else None
+        if ticker:
+            ticker.start()
         previous, self._bar = self._bar, bar
+        outcome = "failed"
         try:
             yield bar.update
+            outcome = "done"
         finally:
             stop.set()
-            ticker.join()
+            if ticker:
+                ticker.join()
             self._bar = previous
-            if not total:
-                bar.set_postfix_str("done", refresh=False)
+            if not total or outcome == "failed":
+                bar.set_postfix_str(outcome, refresh=False)
             bar.close()
 
     def __call__(self, stage: str, chi2: float) -> None:
@@ -64,6 +69,13 @@ class Progress:
             tqdm.write(f"  {stage} done: chi2 = {chi2:.6g}", file=self.file or sys.stderr)
             if self._bar is not None:
                 self._bar.set_postfix_str(stage, refresh=True)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def step(progress, name: str, total: int | None = None):
@@ -82,3 +94,29 @@ class TqdmLoggingHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def capture_warnings(into: list[str]):
+    """Append the message of every warning jcal logs meanwhile to `into` (also under --quiet,
+    which only hides them): a fit's outputs record what it warned about."""
+    logger = logging.getLogger("jcal")
+    handler = _Collect(into)
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield into
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -4,7 +4,8 @@ Output directory layout:
     wcs/<visit>_<detector>.fits   TAN-SIP (or TPV) approximation of the fitted map (JCAL_RMS/JCAL_MAX)
     wcs_tpv/                      the TPV files too, for config.wcs_format = "both"
     model.json + model.eqx        the exact fitted astrometric model (`jcal.load_model`)
-    measurements.parquet          per measurement: ids, pixels, star, fitted sky position, residuals
+    measurements.parquet          per measurement: ids, pixels, star, fitted sky position, residuals,
+                                  chi2 and leave-one-out chi2 (chi2_deleted, what the report normalises by)
     stars.parquet                 fitted stars: position, errors, proper motion, counts, reference id
     metrics.json                  jointcal's metric names + the fit's own (iterations, outliers, times)
     config.json                   the FitConfig used
@@ -36,6 +37,7 @@ from .data import InputData
 from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
 from .io.sip import fit_wcs_many, wcs_fits_bytes
+from .progress import capture_warnings
 from .solution import AstrometricSolution
 from .solver.compile import brief_jit
 
@@ -51,6 +53,7 @@ class FitResult:
     astrometry: AstrometryFit | None = None
     photometry: Any = None  # jcal.calibration.photometry.PhotometryFit
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the fit logged as warnings (metrics "warnings")
 
     # -- astrometry ------------------------------------------------------------------------------
     @property
@@ -134,7 +137,8 @@ class FitResult:
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
             xi, eta = (np.asarray(v) for v in _sky_to_tangent(ra, dec, sra, sdec))
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
-                        chi2=fit.chi2_per_measurement(), outlier=fit.weights == 0)
+                        chi2=fit.chi2_per_measurement(), chi2_deleted=fit.deleted_chi2_per_measurement(),
+                        outlier=fit.weights == 0)
         if self.photometry is not None:
             cols.update(self.photometry.measurement_columns())
         return cols
@@ -185,6 +189,7 @@ class FitResult:
         if self.photometry is not None:
             out.update(self.photometry.metrics())
         out["timings"] = dict(self.timings)
+        out["warnings"] = list(self.warnings)
         return out
 
     # -- output ----------------------------------------------------------------------------------
@@ -194,7 +199,7 @@ class FitResult:
         progress: optional callable(n), called as each batch of n detector-visits' WCS files is written.
         """
         t0 = time.perf_counter()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, capture_warnings(self.warnings):
             if self.astrometry is not None:
                 self._write_wcs(tmp, progress)
                 self.solution.save(tmp / "model")

@@ -37,6 +37,11 @@ class FrozenConfigError(AttributeError):
 _TASK_REGISTRY: dict[str, type] = {}  # "module.QualName" -> Task class; filled by Task.__init_subclass__
 
 
+def _hint(name: str, fields) -> str:
+    """The closest field to a misspelled `name`, else the list of fields."""
+    return did_you_mean(name, fields) or f"; fields: {list(fields)}"
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -307,7 +312,7 @@ class Config:
         head, _, rest = key.partition(".")
         if head not in self._fields:
             raise FieldValidationError(f"unknown config field {key!r} in {type(self).__name__}"
-                                       f"{did_you_mean(head, self._fields)}; fields: {list(self._fields)}")
+                                       f"{_hint(head, self._fields)}")
         if rest:
             if not isinstance(self._fields[head], ConfigurableField):
                 raise FieldValidationError(f"config field {head!r} has no sub-fields (in override {key!r})")
@@ -333,7 +338,7 @@ class Config:
                 continue
             if key not in self._fields:
                 raise FieldValidationError(f"unknown config field {where + key!r} in {type(self).__name__}"
-                                           f"{did_you_mean(key, self._fields)}; fields: {list(self._fields)}")
+                                           f"{_hint(key, self._fields)}")
             f = self._fields[key]
             if isinstance(f, ConfigurableField):
                 if not isinstance(value, dict):

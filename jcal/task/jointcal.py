@@ -17,7 +17,7 @@ import numpy as np
 from ..config import ConfigError, FitConfig
 from ..data import InputData
 from ..io.lsst_sources import DEFAULT_BAD_FLAGS
-from ..progress import Progress, step
+from ..progress import Progress, capture_warnings, step
 from .base import Struct, Task, TaskError, write_checked
 from .config import ChoiceField, Config, Field, FieldValidationError, ListField, RangeField
 from .timing import timeMethod, timing_table
@@ -368,6 +368,13 @@ class JointcalTask(Task):
     @timeMethod
     def run(self, data: InputData, *, astrometry_model=None, mapping_filter=None, progress=None) -> Struct:
         """Fit `data`; Struct(wcsHeaders, photoCalibs, stars, metrics, fitResult, oldWcsList)."""
+        with capture_warnings([]) as warnings:
+            struct = self._run(data, astrometry_model, mapping_filter, progress)
+        struct.fitResult.warnings.extend(warnings)
+        struct.metrics["warnings"] = list(struct.fitResult.warnings)
+        return struct
+
+    def _run(self, data, astrometry_model, mapping_filter, progress) -> Struct:
         from ..result import FitResult
         c = self.config
         fitConfig = c.toFitConfig()
