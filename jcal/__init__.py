@@ -11,6 +11,8 @@ Layout: data model (`data`), inputs (`io`), association (`associate`), model for
 """
 
 import os
+import sys
+import types
 
 # XLA's multi-threaded Eigen pool on CPU was seen to wedge for good (every worker idle, the
 # result never ready) in jcal's large vmapped steps with jaxlib 0.10.2; single-threaded Eigen
@@ -36,7 +38,6 @@ if _cache != "0":
 
 
 def _configure_jax() -> None:
-    import sys
     if "jax" not in sys.modules:
         for name, value in _JAX_SETTINGS.items():
             if name == "jax_compilation_cache_dir" and os.environ.get(name.upper()):
@@ -75,6 +76,20 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`jcal.simulate` and `jcal.associate` are functions, not the submodules of those names:
+    loading such a submodule must not replace the function (the import system sets the
+    package's attribute after the submodule loads)."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

@@ -3,13 +3,11 @@
 # A tiny simulated survey, a joint astrometric fit, its metrics and residuals.
 
 # %%
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import jcal
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 
 # %%

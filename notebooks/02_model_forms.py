@@ -9,7 +9,7 @@ from jcal.associate import associate
 from jcal.calibration.initialise import initial_astrometric_model
 from jcal_models import extra
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 config = jcal.FitConfig(visit_order=3, photometry=False)
 init = initial_astrometric_model(sim.data, associate(sim.data, config), config)
 forms = {"constrained": init, "radial": extra.radial_astrometry(init),

@@ -12,7 +12,7 @@ import numpy as np
 import jcal
 import jcal_models as jm
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 fit = result.astrometry
 model = fit.model
