@@ -38,6 +38,14 @@ def _figure(width: float = 6.4, height: float = 4.6):
     return fig, fig.add_subplot()
 
 
+def _focal_axes(ax, unit: str) -> None:
+    """Focal-plane axes: equal scale, at most 5 ticks (long tick labels of degrees collide)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.set(xlabel=f"focal plane u [{unit}]", ylabel=f"focal plane v [{unit}]", aspect="equal")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(6))
+
+
 def _log_axis(ax, which: str = "y") -> None:
     """Log scale with at most ~6 labelled decades and no minor labels (no colliding ticks)."""
     from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
@@ -218,7 +226,7 @@ def _quiver(meas, u, v, vis, use, out, rms, save):
     if free.any() or bad.any():
         ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.colorbar(sc, ax=ax, label="detector", shrink=0.8)
-    ax.set(xlabel="focal plane u [deg]", ylabel="focal plane v [deg]", aspect="equal")
+    _focal_axes(ax, "deg")
     ax.set_title(f"Visit {vis}: astrometric residuals", loc="left")
     save(fig, f"quiver_visit_{vis}.png", "Residual maps", f"Visit {vis}: residual vectors (fitted position minus "
          "its star) over the focal plane; grey circles: measurements that are their star's only constraint "
@@ -324,7 +332,7 @@ def _photometry_figures(meas, save, notes):
         fig.colorbar(sc, ax=ax, label=label, shrink=0.8)
         if (s & (free | outlier)).any():
             ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
-        ax.set(xlabel=f"focal plane u [{unit}]", ylabel=f"focal plane v [{unit}]", aspect="equal")
+        _focal_axes(ax, unit)
         ax.set_title(f"Visit {vis}: photometric residuals", loc="left")
         save(fig, f"phot_visit_{vis}.png", "Photometric residual maps",
              f"Visit {vis}: calibrated magnitude minus its star's fitted magnitude; grey circles: measurements that "

@@ -97,7 +97,7 @@ th{background:#eef0f4}td:first-child,th:first-child{text-align:left}
 .warn{background:#fff6e0;border-left:4px solid #e0a000;padding:8px 12px;margin:6px 0;border-radius:4px;font-size:.92em}
 .ok{background:#e8f6ec;border-left:4px solid #2a9d4b;padding:8px 12px;border-radius:4px;font-size:.92em}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:14px}
-figure{background:#fff;margin:0;padding:8px;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
+figure{background:#fff;margin:0;padding:8px;max-width:860px;border-radius:8px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 figure img{width:100%;height:auto}figcaption{font-size:.85em;color:#445;margin-top:4px}
 details{margin-top:8px}summary{cursor:pointer;color:#335}
 """
@@ -128,7 +128,7 @@ def page(out_dir, s: dict, figures, notes) -> str:
     if p:
         parts += [_card("photometric repeatability [mmag] (S/N > 100)", p["repeatability_mmag"],
                         "photometry.repeatability_mmag"),
-                  _card("photometric residual RMS [mmag]", p["residual_rms_mmag"], "photometry.residual_rms_mmag"),
+                  _card("photometric residual RMS [mmag] (all S/N)", p["residual_rms_mmag"], "photometry.residual_rms_mmag"),
                   _card("photometric chi2 / ndof", p["chi2_per_ndof"], "photometry.chi2_per_ndof", 4)]
     for k, v in s["held_out"].items():
         if isinstance(v, (int, float)):
