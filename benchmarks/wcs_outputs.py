@@ -15,14 +15,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-
-def tan_part(header: fits.Header) -> fits.Header:
-    out = header.copy()
-    for key in list(out.keys()):
-        if key.split("_")[0] in ("A", "B", "AP", "BP") or key.startswith("PV"):
-            del out[key]
-    out["CTYPE1"], out["CTYPE2"] = "RA---TAN", "DEC--TAN"
-    return out
+from jcal.io.sip import tan_part
 
 
 def summarise(folder: Path) -> dict:

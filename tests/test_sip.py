@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from jcal.io.sip import fit_tan_sip, write_wcs_fits
+from jcal.io.sip import fit_tan_sip, tan_part, write_wcs_fits
 
 NX, NY = 2000, 1000
 SCALE_DEG = 0.2 / 3600.0
@@ -158,16 +158,6 @@ def low_order_distortion_terms(header: fits.Header) -> list[str]:
     low += ["PV1_0", "PV1_2", "PV2_0", "PV2_2"]
     bad = [k for k in low if k in header and header[k] != 0.0]
     return bad + [k for k in ("PV1_1", "PV2_1") if k in header and header[k] != 1.0]
-
-
-def tan_part(header: fits.Header) -> fits.Header:
-    """The header as a reader that ignores SIP/TPV sees it: plain TAN with the same CRPIX/CD."""
-    out = header.copy()
-    for key in list(out.keys()):
-        if key.split("_")[0] in ("A", "B", "AP", "BP") or key.startswith("PV"):
-            del out[key]
-    out["CTYPE1"], out["CTYPE2"] = "RA---TAN", "DEC--TAN"
-    return out
 
 
 @pytest.mark.parametrize("kind", ["sip", "tpv"])

@@ -11,7 +11,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 import jcal
-from test_sip import low_order_distortion_terms, separation_mas, tan_part
+from jcal.io.sip import tan_part
+from test_sip import low_order_distortion_terms, separation_mas
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from astropy.io import fits
 from ..sky import angle, unit_vectors
 from . import wcs_poly as wp
 
-__all__ = ["fit_tan_sip", "fit_tan_sip_many", "fit_wcs_many", "write_wcs_fits", "wcs_fits_bytes", "WCS_KINDS"]
+__all__ = ["fit_tan_sip", "fit_tan_sip_many", "fit_wcs_many", "write_wcs_fits", "wcs_fits_bytes", "WCS_KINDS", "tan_part"]
 
 log = logging.getLogger("jcal.io.sip")
 
@@ -478,6 +478,17 @@ def _quality_cards(rms: float, mx: float, inv_max: float | None) -> list[Card]:
     if inv_max is not None:
         cards.append(("JCAL_IMX", float(f"{inv_max:.6g}"), "[pix] max error of inverse SIP (AP/BP)"))
     return cards
+
+
+def tan_part(header: fits.Header) -> fits.Header:
+    """The header as a reader that ignores SIP/TPV sees it: plain TAN, same CRPIX/CRVAL/CD (what
+    the tests and `benchmarks/wcs_outputs.py` compare with the full WCS)."""
+    out = header.copy()
+    for key in list(out.keys()):
+        if key.split("_")[0] in ("A", "B", "AP", "BP") or key.startswith("PV"):
+            del out[key]
+    out["CTYPE1"], out["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    return out
 
 
 def fit_tan_sip_many(sky_of_items: SkyOfItems, n_items: int, nx: int, ny: int, crval: np.ndarray | None = None,
