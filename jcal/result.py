@@ -99,7 +99,7 @@ class FitResult:
             out.update(part[kind])
         return out
 
-    def iter_wcs_cards(self, keys, kinds=("sip",), chunk: int = 1024):
+    def iter_wcs_cards(self, keys, kinds=("sip",), chunk: int = 256):
         """Yield {kind: {(visit, detector): (cards, rms mas)}} for `keys`, at most `chunk` detector-
         visits at a time (one batched fit per detector size and chunk: bounded memory, and a
         caller can show progress)."""

@@ -58,3 +58,17 @@ def test_wcs_format_is_checked_and_reaches_the_facade():
     config = JointcalConfig()
     config.applyOverride("wcs_format", "tpv")
     assert config.toFitConfig().wcs_format == "tpv"
+
+
+def test_simulated_input_wcs_files_open_without_warning(tmp_path):
+    sim = jcal.simulate("tiny", seed=2, n_visits=2)
+    jcal.write_simulation(sim, tmp_path / "sim")
+    files = sorted((tmp_path / "sim" / "wcs").glob("*.fits"))
+    assert files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in files:
+            WCS(fits.getheader(path))
+    back = jcal.read_input(tmp_path / "sim")
+    key = next(iter(sim.data.ccd_visits))
+    assert (back.ccd_visits[key].nx, back.ccd_visits[key].ny) == (sim.data.ccd_visits[key].nx, sim.data.ccd_visits[key].ny)
