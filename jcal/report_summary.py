@@ -70,8 +70,21 @@ def summary(meas, metrics) -> dict:
             "constrained": int(use.sum()),
             "unconstrained": int(np.sum(np.asarray(meas.get("photometry_used", use), bool) & ~use)),
             "outliers": int(np.sum(np.asarray(meas.get("photometry_outlier", np.zeros(use.size)), bool)))}
-    out["held_out"] = {k: v for k, v in metrics.items() if _HELD_OUT.search(k)}
+    out["held_out"] = _held_out(metrics)
     out["warnings"] = _warnings(metrics)
+    return out
+
+
+def _held_out(metrics) -> dict:
+    """Numeric metrics whose name says held-out/validation, nested dicts flattened with '.'."""
+    out = {}
+    for key, value in metrics.items():
+        if not _HELD_OUT.search(key):
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = value
     return out
 
 
@@ -131,8 +144,7 @@ def page(out_dir, s: dict, figures, notes) -> str:
                   _card("photometric residual RMS [mmag] (all S/N)", p["residual_rms_mmag"], "photometry.residual_rms_mmag"),
                   _card("photometric chi2 / ndof", p["chi2_per_ndof"], "photometry.chi2_per_ndof", 4)]
     for k, v in s["held_out"].items():
-        if isinstance(v, (int, float)):
-            parts.append(_card(f"held out: {k}", v, f"held_out.{k}"))
+        parts.append(_card(f"held out: {k.replace('_', ' ')}", v, f"held_out.{k}"))
     parts += [_card("visits / detector-visits", f"{c['visits']} / {c['detector_visits']}", "counts.visits"),
               _card("measurements / stars", f"{_fmt(c['measurements'])} / {_fmt(c['stars'])}", "counts.measurements")]
     if a:

@@ -98,3 +98,22 @@ def test_eb_modes_separate_a_gradient_field_from_a_curl_field():
     small = slice(0, 6)
     assert np.all(np.abs(grad["xi_B"][small]) < 0.2 * np.abs(grad["xi_E"][small]))
     assert np.all(np.abs(curl["xi_E"][small]) < 0.2 * np.abs(curl["xi_B"][small]))
+
+
+def test_summary_shows_held_out_metrics_when_present_and_warnings():
+    """Held-out residuals appear under whatever key the fit gives them; absent, nothing fails."""
+    from jcal.report_summary import page, summary
+
+    n = 6
+    meas = {"visit": np.array([1, 1, 1, 2, 2, 2]), "detector": np.zeros(n, int), "star": np.array([0, 1, 2, 0, 1, 3]),
+            "residual_ra_mas": np.array([1.0, -1.0, 2.0, -1.0, 1.0, 0.0]), "residual_dec_mas": np.ones(n),
+            "chi2": np.ones(n), "chi2_deleted": np.array([2.0, 2.0, 2.0, 2.0, 2.0, 0.0]),
+            "outlier": np.zeros(n, bool)}
+    metrics = {"astrometry_chi2_per_ndof": 1.0, "astrometry_held_out": {"rms_mas": 4.25, "n": 12},
+               "warnings": ["1 detector-visit(s) ...: (visit=2, detector=0)"]}
+    s = summary(meas, metrics)
+    assert s["held_out"] == {"astrometry_held_out.rms_mas": 4.25, "astrometry_held_out.n": 12}
+    assert s["astrometry"]["unconstrained"] == 1 and s["astrometry"]["constrained"] == 5
+    text = page("out", s, [], [])
+    assert "4.25" in text and "(visit=2, detector=0)" in text
+    assert summary(meas, {})["held_out"] == {}
