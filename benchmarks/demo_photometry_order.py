@@ -1,7 +1,7 @@
 """Photometric field order on the demo's survey (small preset): error against the truth and
 suspect detector-visits. Result (2-core CPU) in demo_photometry_order.txt:
 order 7: 3 suspect, 9.0 mmag; order 5: 0, 2.9 mmag; order 3: 0, 2.1 mmag."""
-import jcal, numpy as np, logging, time
+import jcal, logging, time
 from jcal.truth import photometric_error_mmag
 logging.basicConfig(level=logging.WARNING)
 sim = jcal.simulate("small", seed=0)

@@ -178,7 +178,7 @@ def make_report(out_dir, *, overwrite: bool = True) -> Path:
 
 
 def _astrometry_figures(meas, metrics, save, notes):
-    visit, det = meas["visit"], meas["detector"]
+    visit = meas["visit"]
     out = meas["outlier"].astype(bool)
     use = constrained(meas)
     rx, ry = meas["residual_ra_mas"], meas["residual_dec_mas"]

@@ -251,7 +251,7 @@ def test_many_detectors_at_once_match_one_at_a_time(tmp_path):
 @pytest.mark.parametrize("value", [1.0, -0.0, 3.0e-12, -1.2345678901234567e-05, 123456789.123456789, 1e300,
                                    -2.5e-300, 0.1 + 0.2])
 def test_fits_reals_read_back_within_written_precision(value):
-    from jcal.io.sip import _card
+    from jcal.io.fits_cards import _card
 
     card = _card("X", value, "comment")
     assert len(card) == 80

@@ -1,6 +1,6 @@
 """Structured Gauss-Newton: autodiff Jacobian blocks, star elimination (Schur), dense reduced solve."""
 
-import jax  # noqa: F401
+import jax  # noqa: F401 - imported before _configure_jax reads its config
 
 from .. import _configure_jax
 
