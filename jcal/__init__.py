@@ -66,11 +66,14 @@ _EXPORTS = {
 
 
 def __getattr__(name: str):
+    import importlib
+    import importlib.util
     if name in _EXPORTS:
-        import importlib
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # `jcal.io`, `jcal.task`, ... as before
     raise AttributeError(f"module 'jcal' has no attribute {name!r}")
 
 
