@@ -71,3 +71,15 @@ def test_lazy_package_keeps_its_names_and_jax_settings():
             "assert jcal.io.read_input is jcal.read_input\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_demo_keeps_its_input_and_compares_with_the_truth(tmp_path, capsys):
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "demo-out-input" / "sources.parquet").is_file()  # the input, beside the output
+    assert (tmp_path / "demo-out-input" / "truth").is_dir() and (out / "metrics.json").is_file()
+    assert "mas RMS per coordinate" in text and "mmag RMS" in text
+    assert f"next: jcal report {out}" in text
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0  # reruns over its own files
+    assert capsys.readouterr().out == ""
