@@ -22,6 +22,7 @@ log = logging.getLogger("jcal")
 PRESETS = ("tiny", "small", "medium", "large", "huge")
 WCS_FORMATS = ("sip", "tpv", "both")
 _USER_ERRORS = {"InputError", "ConfigError", "FieldValidationError", "TaskError", "UsageError"}
+_FIT_ERRORS = {"FitError", "SingularSystemError"}  # the data cannot support the fit asked for: the message says why
 
 
 class UsageError(ValueError):
@@ -117,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - turned into one line unless asked for the traceback
         if "--traceback" in argv or "--doraise" in argv:
             raise
-        user = isinstance(exc, OSError) or any(c.__name__ in _USER_ERRORS for c in type(exc).__mro__)
+        names = {c.__name__ for c in type(exc).__mro__}
+        user = isinstance(exc, OSError) or bool(names & _USER_ERRORS)
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        if not user:
+        if names & _FIT_ERRORS:
+            text = f"the fit failed: {text}"
+        elif not user:
             text = f"{type(exc).__name__}: {text} (a failure of jcal itself: rerun with --traceback and report it)"
         print(f"jcal: error: {text}", file=sys.stderr)
         return 2 if user else 1
