@@ -26,22 +26,13 @@ if "--warm-cache" not in sys.argv:  # cold: compilation included, as on a first 
     os.environ["JCAL_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jcal-bench-cache-")
 
 import jcal  # noqa: E402
+from jcal.truth import mapping_error_mas, photometric_error_mmag  # noqa: E402
 
 jcal.configure()  # JAX set up before any computation (the cache folder above is private: mkdtemp)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def photometric_error_mmag(sim, result) -> float:
-    """RMS of fitted vs true calibration (mmag) at the measurements' true pixels, common offset removed."""
-    a, tm, src = result.association, sim.truth.measurements, sim.data.sources
-    rows = a.source_index
-    args = (src.visit[rows], src.detector[rows], tm.x[rows], tm.y[rows])
-    d = 2.5 * np.log10(result.photometry.calibration(*args) / sim.truth.calibration(*args))
-    d = d[result.photometry.informative()]
-    return float(np.sqrt(np.mean((d - np.median(d)) ** 2)) * 1000)
 
 
 def run(preset: str, visit_order: int, second: bool, photometry: bool) -> dict:
@@ -68,11 +59,7 @@ def run(preset: str, visit_order: int, second: bool, photometry: bool) -> dict:
             jcal.fit(data, config)
             t["second_fit_no_read_write"] = time.perf_counter() - t0
         a = result.association
-        tr = sim.truth.measurements
-        rows = a.source_index
-        ra, dec = result.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
-        tra, tdec = sim.truth.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
-        err = np.sqrt(np.mean(((ra - tra) * np.cos(np.radians(tdec)) * 3.6e6) ** 2 + ((dec - tdec) * 3.6e6) ** 2) / 2)
+        err = mapping_error_mas(sim, result)
         m = result.metrics
         return {
             "preset": preset, "detections": len(sim.data.sources), "measurements": len(a.star),

@@ -15,25 +15,52 @@ CLI call it when nobody has; call it yourself first thing to get all of it (XLA 
 effect before JAX's first computation).
 """
 
-from .api import fit
-from .associate import Association, associate
-from .config import ConfigError, FitConfig
-from .data import (
-    Camera,
-    CcdVisit,
-    InputData,
-    InputError,
-    ReferenceCatalog,
-    SourceCatalog,
-    VisitTable,
-)
-from .io import read_input, write_input
-from .result import FitResult
-from .simulate import SimConfig, Simulation, simulate, write_simulation
-from .calibration.photometry import PhotometricSolution, load_photometric_model, save_photometric_model
-from .jax_setup import JaxConfigurationError, configure
-from .solution import AstrometricSolution, load_model, save_model
-from .solver import FitError, SingularSystemError
+import sys
+import types
+
+# The public names, imported on first use (PEP 562): `import jcal` stays cheap.
+_EXPORTS = {
+    "fit": ".api", "Association": ".associate", "associate": ".associate", "ConfigError": ".config",
+    "FitConfig": ".config", "Camera": ".data", "CcdVisit": ".data", "InputData": ".data", "InputError": ".data",
+    "ReferenceCatalog": ".data", "SourceCatalog": ".data", "VisitTable": ".data", "read_input": ".io",
+    "write_input": ".io", "FitResult": ".result", "SimConfig": ".simulate", "Simulation": ".simulate",
+    "simulate": ".simulate", "write_simulation": ".simulate", "PhotometricSolution": ".calibration.photometry",
+    "load_photometric_model": ".calibration.photometry", "AstrometricSolution": ".solution",
+    "load_model": ".solution", "FitError": ".solver", "SingularSystemError": ".solver",
+    "save_photometric_model": ".calibration.photometry", "save_model": ".solution",
+    "JaxConfigurationError": ".jax_setup", "configure": ".jax_setup",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+    import importlib.util
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # `jcal.io`, `jcal.task`, ... as before
+    raise AttributeError(f"module 'jcal' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`jcal.simulate` and `jcal.associate` are functions, not the submodules of those names:
+    loading such a submodule must not replace the function (the import system sets the
+    package's attribute after the submodule loads)."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

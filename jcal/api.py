@@ -12,6 +12,7 @@ from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import fit_astrometry
 from .jax_setup import ensure_configured, require_float64
+from .progress import capture_warnings, step
 from .result import FitResult
 
 log = logging.getLogger("jcal")
@@ -24,7 +25,8 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
     astrometry_model: a starting model of any form (see `jcal_models.core`); default: built
         from the first-guess WCS as `config.astrometry_model` says.
     mapping_filter: bool pytree like the model marking fitted leaves (`jcal_models.freeze`).
-    progress: optional callable(stage: str, chi2: float), called after each stage.
+    progress: optional callable(stage: str, chi2: float), called after each stage; a
+        `jcal.progress.Progress` also shows association and each fit as a step.
     """
     ensure_configured()
     if astrometry_model is not None:
@@ -33,15 +35,24 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
                             f"not {type(astrometry_model).__name__}; see docs/model_forms.md")
         require_float64(astrometry_model, "astrometry_model")
     config = config or FitConfig()
+    with capture_warnings([]) as warnings:
+        result = _fit(data, config, astrometry_model, mapping_filter, progress)
+    result.warnings.extend(warnings)
+    return result
+
+
+def _fit(data, config, astrometry_model, mapping_filter, progress) -> FitResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    assoc = associate(data, config)
+    with step(progress, "associating detections"):
+        assoc = associate(data, config)
     timings["associate"] = time.perf_counter() - t0
     result = FitResult(data, config, assoc, timings=timings)
     if config.astrometry:
         t0 = time.perf_counter()
-        result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,
-                                           mapping_filter=mapping_filter, progress=progress)
+        with step(progress, "astrometric fit"):
+            result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,
+                                               mapping_filter=mapping_filter, progress=progress)
         timings["astrometry"] = time.perf_counter() - t0
     if config.photometry:
         try:
@@ -50,6 +61,8 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
             log.warning("photometry is not available in this build; skipped")
         else:
             t0 = time.perf_counter()
-            result.photometry = fit_photometry(data, assoc, config, astrometry=result.astrometry)
+            with step(progress, "photometric fit"):
+                result.photometry = fit_photometry(data, assoc, config, astrometry=result.astrometry,
+                                                   progress=progress)
             timings["photometry"] = time.perf_counter() - t0
     return result

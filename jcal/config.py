@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     """A configuration value that is out of range; the message names the field."""
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices` to a misspelled `word`, or ''."""
+    import difflib
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def normalise_colour_terms(terms: Any) -> dict[str, dict[str, Any]]:
     """`{band: {primary, secondary, c0, c1, c2}}` checked and completed (c0, c1, c2 default 0).
 
@@ -107,6 +114,9 @@ class FitConfig:
     line_search: bool = True
     max_outlier_rounds: int = 20
 
+    # Outputs.
+    wcs_format: Literal["sip", "tpv", "both"] = "sip"  # FITS WCS files: TAN-SIP, TPV, or both (wcs_tpv/)
+
     def __post_init__(self):
         def check(name: str, ok: bool, allowed: str):
             if not ok:
@@ -115,6 +125,7 @@ class FitConfig:
         check("astrometry_model", self.astrometry_model in ASTROMETRY_MODELS, f"one of {ASTROMETRY_MODELS}")
         check("photometry_model", self.photometry_model in PHOTOMETRY_MODELS, f"one of {PHOTOMETRY_MODELS}")
         check("flux_errors", self.flux_errors in ("minimum", "jointcal"), "'minimum' or 'jointcal'")
+        check("wcs_format", self.wcs_format in ("sip", "tpv", "both"), "one of ('sip', 'tpv', 'both')")
         check("proper_motion", self.proper_motion in ("auto", "on", "off"), "one of ('auto', 'on', 'off')")
         for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order"):
             v = getattr(self, name)
@@ -155,7 +166,8 @@ class FitConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+            hints = "".join(did_you_mean(name, known) for name in unknown)
+            raise ConfigError(f"unknown config field(s) {unknown}{hints}; known fields: {sorted(known)}")
         return cls(**values)
 
     def save(self, path: str | Path) -> None:

@@ -1,9 +1,11 @@
 """What a fit returns (`FitResult`) and how it is written to disk (atomically).
 
 Output directory layout:
-    wcs/<visit>_<detector>.fits   TAN-SIP approximation of the fitted map (JCAL_RMS/JCAL_MAX cards)
+    wcs/<visit>_<detector>.fits   TAN-SIP (or TPV) approximation of the fitted map (JCAL_RMS/JCAL_MAX)
+    wcs_tpv/                      the TPV files too, for config.wcs_format = "both"
     model.json + model.eqx        the exact fitted astrometric model (`jcal.load_model`)
-    measurements.parquet          per measurement: ids, pixels, star, fitted sky position, residuals
+    measurements.parquet          per measurement: ids, pixels, star, fitted sky position, residuals,
+                                  chi2 and leave-one-out chi2 (chi2_deleted, what the report normalises by)
     stars.parquet                 fitted stars: position, errors, proper motion, counts, reference id
     metrics.json                  jointcal's metric names + the fit's own (iterations, outliers, times)
     config.json                   the FitConfig used
@@ -34,7 +36,8 @@ from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import AstrometryFit
 from .io.atomic import atomic_output_dir
-from .io.sip import fit_tan_sip_many, wcs_fits_bytes
+from .io.sip import fit_wcs_many, wcs_fits_bytes
+from .progress import capture_warnings
 from .solution import AstrometricSolution
 from .solver.compile import brief_jit
 
@@ -50,6 +53,7 @@ class FitResult:
     astrometry: AstrometryFit | None = None
     photometry: Any = None  # jcal.calibration.photometry.PhotometryFit
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the fit logged as warnings (metrics "warnings")
 
     # -- astrometry ------------------------------------------------------------------------------
     @property
@@ -81,28 +85,36 @@ class FitResult:
         """SIP order that represents the fitted model form exactly (None: choose per detector)."""
         return self.astrometry.model.sip_order()
 
-    def wcs_cards(self, ccd_visits=None) -> dict[tuple[int, int], tuple[list, float]]:
-        """{(visit, detector): (FITS cards, approximation RMS in mas)}: TAN-SIP of the fitted map
-        over each detector, fitted for all detector-visits of one size at once."""
+    def wcs_cards(self, ccd_visits=None, kind: str = "sip") -> dict[tuple[int, int], tuple[list, float]]:
+        """{(visit, detector): (FITS cards, approximation RMS in mas)}: TAN-SIP (or kind="tpv": TPV)
+        of the fitted map over each detector, fitted for all detector-visits of one size at once."""
+        keys = self.association.ccd_visits.tolist() if ccd_visits is None else ccd_visits
+        out: dict = {}
+        for part in self.iter_wcs_cards(keys, (kind,), chunk=len(keys) or 1):
+            out.update(part[kind])
+        return out
+
+    def iter_wcs_cards(self, keys, kinds=("sip",), chunk: int = 256):
+        """Yield {kind: {(visit, detector): (cards, rms mas)}} for `keys`, at most `chunk` detector-
+        visits at a time (one batched fit per detector size and chunk: bounded memory, and a
+        caller can show progress)."""
         sol = self.solution
-        keys = [tuple(k) for k in (self.association.ccd_visits.tolist() if ccd_visits is None else ccd_visits)]
-        sizes = {}
+        sizes: dict[tuple[int, int], list] = {}
         for visit, detector in keys:
             cv = self.data.ccd_visits[(int(visit), int(detector))]
             sizes.setdefault((cv.nx, cv.ny), []).append((int(visit), int(detector)))
-        out = {}
         for (nx, ny), group in sizes.items():
-            visits, detectors = (np.array(a, np.int64) for a in zip(*group))
-            crval = sol.tangent_points(visits)
-            cards, rms = fit_tan_sip_many(
-                lambda item, x, y: sol.pixel_to_sky(visits[item], detectors[item], x, y), len(group), nx, ny,
-                crval=crval, order=self._sip_order(), grid=16)
-            out.update({key: (c, float(r)) for key, c, r in zip(group, cards, rms)})
-        return out
+            for start in range(0, len(group), chunk):
+                part = group[start:start + chunk]
+                visits, detectors = (np.array(a, np.int64) for a in zip(*part))
+                fitted = fit_wcs_many(
+                    lambda item, x, y: sol.pixel_to_sky(visits[item], detectors[item], x, y), len(part), nx, ny,
+                    crval=sol.tangent_points(visits), order=self._sip_order(), grid=16, kinds=tuple(kinds))
+                yield {kind: {key: (c, float(r)) for key, c, r in zip(part, *fitted[kind])} for kind in kinds}
 
-    def wcs_header(self, visit: int, detector: int):
-        """(FITS header, approximation RMS in mas): TAN-SIP of the fitted map over the detector."""
-        cards, rms = self.wcs_cards([(visit, detector)])[(int(visit), int(detector))]
+    def wcs_header(self, visit: int, detector: int, kind: str = "sip"):
+        """(FITS header, approximation RMS in mas): TAN-SIP (or TPV) of the fitted map over the detector."""
+        cards, rms = self.wcs_cards([(visit, detector)], kind)[(int(visit), int(detector))]
         return fits.Header(cards), rms
 
     def measurement_table(self) -> dict[str, np.ndarray]:
@@ -120,7 +132,8 @@ class FitResult:
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
             xi, eta = (np.asarray(v) for v in _sky_to_tangent(ra, dec, sra, sdec))
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
-                        chi2=fit.chi2_per_measurement(), outlier=fit.weights == 0)
+                        chi2=fit.chi2_per_measurement(), chi2_deleted=fit.deleted_chi2_per_measurement(),
+                        outlier=fit.weights == 0)
         if self.photometry is not None:
             cols.update(self.photometry.measurement_columns())
         return cols
@@ -171,23 +184,19 @@ class FitResult:
         if self.photometry is not None:
             out.update(self.photometry.metrics())
         out["timings"] = dict(self.timings)
+        out["warnings"] = list(self.warnings)
         return out
 
     # -- output ----------------------------------------------------------------------------------
     def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None) -> Path:
-        """Write every output into `out_dir` atomically (all or nothing)."""
+        """Write every output into `out_dir` atomically (all or nothing).
+
+        progress: optional callable(n), called as each batch of n detector-visits' WCS files is written.
+        """
         t0 = time.perf_counter()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, capture_warnings(self.warnings):
             if self.astrometry is not None:
-                (tmp / "wcs").mkdir()
-                worst = 0.0
-                for (visit, detector), (cards, rms) in self.wcs_cards().items():
-                    worst = max(worst, rms)
-                    # plain writes: the staging folder makes the whole output atomic
-                    (tmp / "wcs" / f"{visit}_{detector}.fits").write_bytes(wcs_fits_bytes(cards))
-                    if progress:
-                        progress()
-                self.timings["wcs_approximation_worst_rms_mas"] = worst
+                self._write_wcs(tmp, progress)
                 self.solution.save(tmp / "model")
             _write_parquet(tmp / "measurements.parquet", self.measurement_table())
             _write_parquet(tmp / "stars.parquet", self.star_table())
@@ -197,6 +206,24 @@ class FitResult:
             self.timings["write"] = time.perf_counter() - t0
             (tmp / "metrics.json").write_text(json.dumps(_jsonable(self.metrics), indent=2) + "\n")
         return Path(out_dir)
+
+    def _write_wcs(self, tmp: Path, progress=None) -> None:
+        """wcs/<visit>_<detector>.fits (TAN-SIP, or TPV for wcs_format="tpv"), and wcs_tpv/ for "both"."""
+        fmt = self.config.wcs_format
+        kinds = {"sip": ("sip",), "tpv": ("tpv",), "both": ("sip", "tpv")}[fmt]
+        folders = {kinds[0]: tmp / "wcs", "tpv": tmp / "wcs_tpv"} if fmt == "both" else {kinds[0]: tmp / "wcs"}
+        for folder in folders.values():
+            folder.mkdir()
+        worst = 0.0
+        for part in self.iter_wcs_cards(self.association.ccd_visits.tolist(), kinds):
+            for kind, items in part.items():
+                for (visit, detector), (cards, rms) in items.items():
+                    worst = max(worst, rms)
+                    # plain writes: the staging folder makes the whole output atomic
+                    (folders[kind] / f"{visit}_{detector}.fits").write_bytes(wcs_fits_bytes(cards))
+            if progress:
+                progress(len(next(iter(part.values()))))
+        self.timings["wcs_approximation_worst_rms_mas"] = worst
 
 
 @brief_jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)

@@ -3,15 +3,13 @@
 # A tiny simulated survey, a joint astrometric fit, its metrics and residuals.
 
 # %%
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import jcal
 
 jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 
 # %%

@@ -11,7 +11,7 @@ from jcal_models import extra
 
 jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 config = jcal.FitConfig(visit_order=3, photometry=False)
 init = initial_astrometric_model(sim.data, associate(sim.data, config), config)
 forms = {"constrained": init, "radial": extra.radial_astrometry(init),

@@ -14,7 +14,7 @@ import jcal_models as jm
 
 jcal.configure()  # JAX set up for jcal (64-bit floats, ...) before any computation
 
-sim = jcal.simulate("tiny", seed=1)
+sim = jcal.simulate("tiny", seed=2)
 result = jcal.fit(sim.data, jcal.FitConfig(visit_order=3, photometry=False))
 fit = result.astrometry
 model = fit.model

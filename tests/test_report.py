@@ -36,6 +36,41 @@ def test_report_images(fit_dir):
     make_report(fit_dir)  # re-running replaces it
 
 
+def test_summary_agrees_with_metrics_and_chi2(fit_dir):
+    """The page opens with figures that agree with metrics.json and with each other: the
+    normalised residuals (leave-one-out, the errors and dof of chi2) have the spread chi2/ndof
+    says, and every headline number on the page is the one in summary.json."""
+    import json
+    import re
+
+    import pyarrow.parquet as pq
+
+    from jcal.report import normalised_residuals
+    from jcal.report_summary import constrained
+
+    index = make_report(fit_dir)
+    metrics = json.loads((fit_dir / "metrics.json").read_text())
+    s = json.loads((fit_dir / "report" / "summary.json").read_text())
+    a = s["astrometry"]
+    assert a["chi2_per_ndof"] == metrics["astrometry_chi2_per_ndof"]
+    assert a["outliers"] == metrics["astrometry_outliers"]
+    assert s["counts"]["detector_visits"] == metrics["astrometry_prepared_ccdImages"]
+    assert s["warnings"] == metrics["warnings"]
+    meas = {k: np.asarray(v) for k, v in pq.read_table(fit_dir / "measurements.parquet").to_pydict().items()}
+    use = constrained(meas)
+    rms = np.sqrt(np.mean(np.concatenate([meas["residual_ra_mas"][use], meas["residual_dec_mas"][use]]) ** 2))
+    assert a["rms_mas"] == pytest.approx(rms, rel=1e-12)
+    assert set(a["per_visit"]) == {str(v) for v in np.unique(meas["visit"])}
+    nx, ny = normalised_residuals(meas)
+    spread = np.sqrt(np.mean(np.concatenate([nx[use], ny[use]]) ** 2))
+    assert spread == pytest.approx(np.sqrt(metrics["astrometry_chi2_per_ndof"]), rel=0.1)
+    text = index.read_text()
+    assert text.index("astrometric RMS") < text.index("<img")  # the summary comes first
+    shown = dict(re.findall(r"data-key='([\w.]+)'>([^<]*)<", text))
+    assert shown["astrometry.rms_mas"] == f"{a['rms_mas']:.3g}"
+    assert shown["astrometry.chi2_per_ndof"] == f"{a['chi2_per_ndof']:.4g}"
+
+
 def test_correlation_of_coherent_field():
     rng = np.random.default_rng(0)
     u, v = rng.uniform(0, 1, (2, 2000))
@@ -63,3 +98,22 @@ def test_eb_modes_separate_a_gradient_field_from_a_curl_field():
     small = slice(0, 6)
     assert np.all(np.abs(grad["xi_B"][small]) < 0.2 * np.abs(grad["xi_E"][small]))
     assert np.all(np.abs(curl["xi_E"][small]) < 0.2 * np.abs(curl["xi_B"][small]))
+
+
+def test_summary_shows_held_out_metrics_when_present_and_warnings():
+    """Held-out residuals appear under whatever key the fit gives them; absent, nothing fails."""
+    from jcal.report_summary import page, summary
+
+    n = 6
+    meas = {"visit": np.array([1, 1, 1, 2, 2, 2]), "detector": np.zeros(n, int), "star": np.array([0, 1, 2, 0, 1, 3]),
+            "residual_ra_mas": np.array([1.0, -1.0, 2.0, -1.0, 1.0, 0.0]), "residual_dec_mas": np.ones(n),
+            "chi2": np.ones(n), "chi2_deleted": np.array([2.0, 2.0, 2.0, 2.0, 2.0, 0.0]),
+            "outlier": np.zeros(n, bool)}
+    metrics = {"astrometry_chi2_per_ndof": 1.0, "astrometry_held_out": {"rms_mas": 4.25, "n": 12},
+               "warnings": ["1 detector-visit(s) ...: (visit=2, detector=0)"]}
+    s = summary(meas, metrics)
+    assert s["held_out"] == {"astrometry_held_out.rms_mas": 4.25, "astrometry_held_out.n": 12}
+    assert s["astrometry"]["unconstrained"] == 1 and s["astrometry"]["constrained"] == 5
+    text = page("out", s, [], [])
+    assert "4.25" in text and "(visit=2, detector=0)" in text
+    assert summary(meas, {})["held_out"] == {}

@@ -242,6 +242,8 @@ def test_cli_show_config_and_fit_errors(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "config.astrometryVisitOrder = 4" in text and "config.sourceSelector.signalToNoiseMin = 12.0" in text
     assert "config.astrometryFit.retarget(jcal.task.jointcal.AstrometryFitTask)" in text
+    assert main(["fit", "--show-config", "--set", "astrometryModel=bogus"]) == 2  # one line, no traceback
+    assert "astrometryModel" in capsys.readouterr().err
     with pytest.raises(FieldValidationError, match="astrometryModel"):
-        main(["fit", "--show-config", "--set", "astrometryModel=bogus"])
+        main(["fit", "--show-config", "--set", "astrometryModel=bogus", "--traceback"])
     assert main(["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 1

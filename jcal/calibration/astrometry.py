@@ -109,6 +109,12 @@ class AstrometryFit:
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
 
+    def deleted_chi2_per_measurement(self) -> np.ndarray:
+        """(n,) chi2 of each measurement had its star been fitted without it: its expectation is 2
+        per measurement when the errors are right, as chi2/ndof's is 1 (0: nothing else constrains
+        the star, untestable)."""
+        return self.solver.deleted_chi2(self.state, self.star_mask)
+
     def star_errors(self) -> dict[str, np.ndarray]:
         """1-sigma errors of the fitted stars (mas, mas/yr), mapping held fixed."""
         cov = self.solver.star_covariance(self.state, self.star_mask)

@@ -529,7 +529,7 @@ class PhotometryFit:
                 "residual_mag": mag - star_mag,
                 "photometry_calibration": c, "photometry_chi2": self.chi2_per_measurement(),
                 "photometry_outlier": self.valid & (self.weights == 0),
-                "photometry_used": self.weights > 0}
+                "photometry_used": self.weights > 0, "photometry_informative": self.informative()}
 
     def star_columns(self) -> dict[str, np.ndarray]:
         """Fitted flux (nJy) and AB magnitude of every star in every band, with errors (conditional on

@@ -37,6 +37,7 @@ from jcal.arrays import unique_rows
 from jcal.data import (Camera, CcdVisit, InputData, InputError, ReferenceCatalog, SourceCatalog,
                        VisitTable)
 from jcal.io.atomic import atomic_output_dir
+from jcal.io.sip import wcs_fits_bytes
 
 __all__ = ["read_input", "write_input", "write_input_files", "wcs_filename", "AB_ZERO_POINT_NJY"]
 
@@ -487,7 +488,10 @@ def write_input_files(data: InputData, root: Path) -> None:
     wcs_dir = root / "wcs"
     wcs_dir.mkdir()
     for (visit, detector), ccd in data.ccd_visits.items():
-        fits.PrimaryHDU(header=_wcs_header(ccd.wcs, ccd.nx, ccd.ny)).writeto(wcs_dir / wcs_filename(visit, detector))
+        # header-only file with NAXIS = 2 (no data): astropy opens it without a FITSFixedWarning
+        header = _wcs_header(ccd.wcs, ccd.nx, ccd.ny)
+        cards = [(c.keyword, c.value, c.comment) for c in header.cards]
+        (wcs_dir / wcs_filename(visit, detector)).write_bytes(wcs_fits_bytes(cards))
 
 
 def write_input(data: InputData, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

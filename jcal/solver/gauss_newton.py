@@ -659,6 +659,12 @@ class Solver:
         cov = np.asarray(h_inv) * np.asarray(smask)[:, :, None] * np.asarray(smask)[:, None, :]
         return cov[: self.stars_real]
 
+    def deleted_chi2(self, state: FitState, star_mask) -> np.ndarray:
+        """(n,) each measurement's leave-one-out chi2 (`leave_one_out_chi2`): the errors of chi2,
+        with its star's share of the degrees of freedom; 0 where nothing else constrains the star."""
+        smask = self._effective_star_mask(state, star_mask)
+        return np.asarray(self._leave_one_out(state, smask)[0])[: self.n_real]
+
     def _leave_one_out(self, state: FitState, smask):
         """`leave_one_out_chi2` at `state`; the last result is kept, as a clean scoring round and
         the re-admission that follows it ask for the same one."""

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import did_you_mean
+
 __all__ = ["Config", "Field", "ChoiceField", "RangeField", "ListField", "ConfigurableField",
            "ConfigurableInstance", "FieldValidationError", "FrozenConfigError", "parse_value"]
 
@@ -33,6 +35,11 @@ class FrozenConfigError(AttributeError):
 
 
 _TASK_REGISTRY: dict[str, type] = {}  # "module.QualName" -> Task class; filled by Task.__init_subclass__
+
+
+def _hint(name: str, fields) -> str:
+    """The closest field to a misspelled `name`, else the list of fields."""
+    return did_you_mean(name, fields) or f"; fields: {list(fields)}"
 
 
 def _qualified(cls: type) -> str:
@@ -304,8 +311,8 @@ class Config:
             value = parse_value(value)
         head, _, rest = key.partition(".")
         if head not in self._fields:
-            raise FieldValidationError(f"unknown config field {key!r} in {type(self).__name__}; "
-                                       f"fields: {list(self._fields)}")
+            raise FieldValidationError(f"unknown config field {key!r} in {type(self).__name__}"
+                                       f"{_hint(head, self._fields)}")
         if rest:
             if not isinstance(self._fields[head], ConfigurableField):
                 raise FieldValidationError(f"config field {head!r} has no sub-fields (in override {key!r})")
@@ -330,8 +337,8 @@ class Config:
             if key == "__target__":
                 continue
             if key not in self._fields:
-                raise FieldValidationError(f"unknown config field {where + key!r} in {type(self).__name__}; "
-                                           f"fields: {list(self._fields)}")
+                raise FieldValidationError(f"unknown config field {where + key!r} in {type(self).__name__}"
+                                           f"{_hint(key, self._fields)}")
             f = self._fields[key]
             if isinstance(f, ConfigurableField):
                 if not isinstance(value, dict):

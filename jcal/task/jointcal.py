@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
-import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 from ..config import ConfigError, FitConfig
 from ..data import InputData
 from ..io.lsst_sources import DEFAULT_BAD_FLAGS
+from ..progress import Progress, capture_warnings, step
 from .base import Struct, Task, TaskError, write_checked
 from .config import ChoiceField, Config, Field, FieldValidationError, ListField, RangeField
 from .timing import timeMethod, timing_table
@@ -131,14 +132,14 @@ class PhotometryFitTask(Task):
     _DefaultName = "photometryFit"
 
     @timeMethod
-    def run(self, data, association, fitConfig, *, astrometry=None):
+    def run(self, data, association, fitConfig, *, astrometry=None, progress=None):
         try:
             from ..calibration.photometry import fit_photometry
         except ImportError:
             self.log.warning("photometry is not available in this build; skipped")
             self.metadata["skipped"] = True
             return None
-        return fit_photometry(data, association, fitConfig, astrometry=astrometry)
+        return fit_photometry(data, association, fitConfig, astrometry=astrometry, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -204,6 +205,8 @@ class JointcalConfig(Config):
                              "solve), 'minimum' at the minimum of chi2 (unbiased absolute level)", str,
                              default="jointcal", allowed={"jointcal": "jointcal's fixed point",
                                                           "minimum": "the minimum of chi2"})
+    wcsFormat = ChoiceField("[jcal] output FITS WCS files", str, default=_D.wcs_format, allowed={
+        "sip": "TAN-SIP in wcs/", "tpv": "TPV (SCAMP) in wcs/", "both": "TAN-SIP in wcs/, TPV in wcs_tpv/"})
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -252,7 +255,7 @@ class JointcalConfig(Config):
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
-                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors)
+                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors, wcs_format=self.wcsFormat)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -286,7 +289,7 @@ FIELD_MAP = {
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
-    "flux_errors": "fluxErrors",
+    "flux_errors": "fluxErrors", "wcs_format": "wcsFormat",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
@@ -301,6 +304,28 @@ def _translate(key: str, value):
 
 
 # ------------------------------------------------------------------------------------------ task
+class _WcsHeaders(Mapping):
+    """{(visit, detector): astropy FITS header} of a fit, all fitted at the first access."""
+
+    def __init__(self, result, kind: str):
+        self._result, self._kind, self._headers = result, kind, None
+
+    def _all(self) -> dict:
+        if self._headers is None:
+            from astropy.io import fits
+            self._headers = {k: fits.Header(c) for k, (c, _) in self._result.wcs_cards(kind=self._kind).items()}
+        return self._headers
+
+    def __getitem__(self, key):
+        return self._all()[tuple(int(k) for k in key)]
+
+    def __iter__(self):
+        return iter(tuple(k) for k in self._result.association.ccd_visits.tolist())
+
+    def __len__(self):
+        return len(self._result.association.ccd_visits)
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for pkg in ("jcal", "jax", "jaxlib", "numpy", "astropy", "pyarrow"):
@@ -342,6 +367,13 @@ class JointcalTask(Task):
     @timeMethod
     def run(self, data: InputData, *, astrometry_model=None, mapping_filter=None, progress=None) -> Struct:
         """Fit `data`; Struct(wcsHeaders, photoCalibs, stars, metrics, fitResult, oldWcsList)."""
+        with capture_warnings([]) as warnings:
+            struct = self._run(data, astrometry_model, mapping_filter, progress)
+        struct.fitResult.warnings.extend(warnings)
+        struct.metrics["warnings"] = list(struct.fitResult.warnings)
+        return struct
+
+    def _run(self, data, astrometry_model, mapping_filter, progress) -> Struct:
         from ..jax_setup import ensure_configured
         from ..result import FitResult
         ensure_configured()
@@ -352,14 +384,17 @@ class JointcalTask(Task):
             data = dataclasses.replace(data, sources=sel.sourceCat)
         self.refObjLoader.run(data)
         timings: dict[str, float] = {}
-        with self.timer("associate"):
+        with self.timer("associate"), step(progress, "associating detections"):
             assoc = self.associate.run(data, fitConfig)
         result = FitResult(data, fitConfig, assoc, timings=timings)
         if c.doAstrometry:
-            result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
-                                                       mapping_filter=mapping_filter, progress=progress)
+            with step(progress, "astrometric fit"):
+                result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
+                                                           mapping_filter=mapping_filter, progress=progress)
         if c.doPhotometry:
-            result.photometry = self.photometryFit.run(data, assoc, fitConfig, astrometry=result.astrometry)
+            with step(progress, "photometric fit"):
+                result.photometry = self.photometryFit.run(data, assoc, fitConfig, astrometry=result.astrometry,
+                                                           progress=progress)
         for sub in ("associate", "astrometryFit", "photometryFit"):
             md = getattr(self, sub).metadata
             if "runStartWallTime" in md and "runEndWallTime" in md:
@@ -368,10 +403,8 @@ class JointcalTask(Task):
         for k, v in metrics.items():
             if isinstance(v, (int, float, bool, str)):
                 self.metadata["metrics." + k] = v
-        wcs = {}
-        if result.astrometry is not None:
-            for visit, detector in assoc.ccd_visits.tolist():
-                wcs[(visit, detector)] = result.wcs_header(visit, detector)[0]
+        # computed on first use, in one batched fit (the command line writes them, it never asks)
+        wcs = _WcsHeaders(result, "tpv" if c.wcsFormat == "tpv" else "sip") if result.astrometry is not None else {}
         import pyarrow as pa
         self._schemas = {"measurements": pa.table({k: np.asarray(v) for k, v in result.measurement_table().items()}).schema,
                          "stars": pa.table({k: np.asarray(v) for k, v in result.star_table().items()}).schema}
@@ -400,10 +433,13 @@ class JointcalTask(Task):
         """
         if Path(output_dir).exists() and not clobber:  # fail before the fit, not after it
             raise FileExistsError(f"output {str(output_dir)!r} already exists (clobber=True replaces it)")
-        data = self.readInputs(input_dir, lsst=lsst)
+        with step(progress, f"reading {input_dir}"):
+            data = self.readInputs(input_dir, lsst=lsst)
         struct = self.run(data, progress=progress)
-        with self.timer("writeOutputs"):
-            struct.fitResult.write(output_dir, overwrite=clobber)
+        result = struct.fitResult
+        with self.timer("writeOutputs"), step(progress, f"writing {output_dir}",
+                                              total=len(result.association.ccd_visits)) as update:
+            result.write(output_dir, overwrite=clobber, progress=update)
             if self.config.writeChi2FilesInitialFinal and struct.fitResult.astrometry is not None:
                 self._writeChi2(struct.fitResult, Path(output_dir))
         self.writeConfig(output_dir, clobber=clobber, doBackup=doBackup)
@@ -470,24 +506,8 @@ class JointcalTask(Task):
     # -- command line -------------------------------------------------------------------------------
     @classmethod
     def makeArgumentParser(cls) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog="jcal fit", description="Joint calibration of a directory of inputs.")
-        p.add_argument("input", nargs="?", help="input directory (jcal format, or LSST outputs with --lsst)")
-        p.add_argument("--out", help="output directory")
-        p.add_argument("--lsst", action="store_true", help="read LSST pipeline outputs (jcal.io.lsst.read_lsst)")
-        p.add_argument("--config", "--configfile", dest="config", action="append", metavar="FILE",
-                       help="JSON config file (jointcal or FitConfig names); may repeat")
-        p.add_argument("--set", "-c", dest="set", action="append", metavar="KEY=VALUE",
-                       help="override one field, dotted for subtasks (sourceSelector.signalToNoiseMin=20)")
-        p.add_argument("--no-astrometry", action="store_true")
-        p.add_argument("--no-photometry", action="store_true")
-        p.add_argument("--show-config", action="store_true", help="print the full task config and exit")
-        p.add_argument("--overwrite", "--clobber-output", dest="overwrite", action="store_true",
-                       help="replace an existing output directory")
-        p.add_argument("--no-backup-config", action="store_true")
-        p.add_argument("--doraise", action="store_true", help="raise on failure instead of exitStatus=1")
-        p.add_argument("--quiet", action="store_true")
-        p.add_argument("--report", action="store_true", help="also write the diagnostic report (OUT/report/)")
-        return p
+        from ..cli import fit_argument_parser  # defined there: `jcal fit --help` imports no fitting code
+        return fit_argument_parser()
 
     @classmethod
     def parseAndRun(cls, args=None, config=None, log=None, doReturnResults=False) -> Struct:
@@ -507,6 +527,8 @@ class JointcalTask(Task):
             config.doAstrometry = False
         if parsed.no_photometry:
             config.doPhotometry = False
+        if getattr(parsed, "wcs_format", None):
+            config.wcsFormat = parsed.wcs_format
         out = Struct(argumentParser=parser, parsedCmd=parsed, taskRunner=None, resultList=[], config=config)
         if parsed.show_config:
             print(config.describe())
@@ -519,7 +541,7 @@ class JointcalTask(Task):
         task = cls(config=config, log=log)
         out.task = task
         status = 0
-        progress = None if parsed.quiet else (lambda stage, chi2: task.log.info("%s done: chi2 = %.6g", stage, chi2))
+        progress = Progress(enabled=not parsed.quiet)
         try:
             res = task.runDirectory(parsed.input, parsed.out, clobber=parsed.overwrite,
                                     doBackup=not parsed.no_backup_config, lsst=parsed.lsst, progress=progress)
@@ -532,15 +554,19 @@ class JointcalTask(Task):
             task.writeMetadata(parsed.out)
             if parsed.report:
                 from ..report import make_report
-                make_report(parsed.out)
+                with progress.step("writing the report"):
+                    make_report(parsed.out)
             if not parsed.quiet:
                 m = res.metrics
                 for key in ("astrometry_final_chi2", "astrometry_final_ndof", "astrometry_outliers",
                             "photometry_final_chi2", "photometry_final_ndof"):
                     if key in m:
                         print(f"{key}: {m[key]}")
-                print(f"wrote {parsed.out}")
                 print(task.timingTable())
+                print(f"wrote {parsed.out}")
+                report = Path(parsed.out) / "report" / "index.html"
+                print(f"next: open {report} in a browser" if parsed.report else
+                      f"next: jcal report {parsed.out}   (then open {report})")
         entry = Struct(exitStatus=status)
         if doReturnResults:
             entry.result = res
