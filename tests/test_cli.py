@@ -61,12 +61,14 @@ def test_progress_steps_and_quiet():
 
 
 def test_lazy_package_keeps_its_names_and_jax_settings():
-    """`import jcal` loads no JAX, yet JAX gets jcal's settings whenever it is imported, and the
+    """`import jcal` loads no JAX and changes no JAX setting (`jcal.configure()` does), and the
     public functions named like submodules (simulate, associate) stay functions."""
     code = ("import sys, jcal\nassert 'jax' not in sys.modules\n"
             "import jcal.simulate, jcal.associate\n"
             "assert callable(jcal.simulate) and callable(jcal.associate) and callable(jcal.fit)\n"
             "import jcal.solver, jax\n"
+            "assert not jax.config.jax_enable_x64\n"
+            "jcal.configure()\n"
             "assert jax.config.jax_enable_x64 and not jax.config.read('jax_cpu_enable_async_dispatch')\n"
             "assert jcal.io.read_input is jcal.read_input\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
