@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     import jcal
 
     if args.command == "simulate":
+        from .io.atomic import overwrite_hint
         sim = jcal.simulate(args.preset, seed=args.seed)
-        jcal.write_simulation(sim, args.out, overwrite=args.overwrite)
+        with overwrite_hint("--overwrite"):
+            jcal.write_simulation(sim, args.out, overwrite=args.overwrite)
         print(f"wrote {len(sim.data.sources)} detections to {args.out}")
         return 0
     if args.command == "report":

@@ -120,8 +120,12 @@ def eb_modes(xi_plus: np.ndarray, xi_minus: np.ndarray, dlnr: float) -> tuple[np
     return 0.5 * (xi_plus + j0_part), 0.5 * (xi_plus - j0_part)
 
 
-def make_report(out_dir, *, overwrite: bool = True) -> Path:
-    """Write `out_dir/report/index.html` and its PNGs; returns the path of index.html."""
+def make_report(out_dir, *, overwrite: bool = True, shown_as=None) -> Path:
+    """Write `out_dir/report/index.html` and its PNGs; returns the path of index.html.
+
+    shown_as: the output path the page names (default `out_dir`; differs while `out_dir` is
+    the temporary folder of an output being written).
+    """
     out_dir = Path(out_dir)
     meas, stars, metrics = _read(out_dir)
     plt = _plt()
@@ -139,7 +143,7 @@ def make_report(out_dir, *, overwrite: bool = True) -> Path:
         else:
             notes.append("No astrometric residual columns: astrometry was not fitted.")
         _photometry_figures(plt, meas, save, notes)
-        (tmp / "index.html").write_text(_html(out_dir, metrics, figures, notes))
+        (tmp / "index.html").write_text(_html(shown_as or out_dir, metrics, figures, notes))
     return out_dir / "report" / "index.html"
 
 

@@ -179,29 +179,38 @@ class FitResult:
         return out
 
     # -- output ----------------------------------------------------------------------------------
-    def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None) -> Path:
-        """Write every output into `out_dir` atomically (all or nothing)."""
-        t0 = time.perf_counter()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            if self.astrometry is not None:
-                (tmp / "wcs").mkdir()
-                worst = 0.0
-                for (visit, detector), (cards, rms) in self.wcs_cards().items():
-                    worst = max(worst, rms)
-                    # plain writes: the staging folder makes the whole output atomic
-                    (tmp / "wcs" / f"{visit}_{detector}.fits").write_bytes(wcs_fits_bytes(cards))
-                    if progress:
-                        progress()
-                self.timings["wcs_approximation_worst_rms_mas"] = worst
-                self.solution.save(tmp / "model")
-            _write_parquet(tmp / "measurements.parquet", self.measurement_table())
-            _write_parquet(tmp / "stars.parquet", self.star_table())
-            if self.photometry is not None:
-                self.photometry.write(tmp)
-            self.config.save(tmp / "config.json")
-            self.timings["write"] = time.perf_counter() - t0
-            (tmp / "metrics.json").write_text(json.dumps(_jsonable(self.metrics), indent=2) + "\n")
+    def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None, protect=()) -> Path:
+        """Write every output into `out_dir` atomically (all or nothing, see `atomic_output_dir`).
+
+        overwrite: replace a previous jcal output at `out_dir` (never a folder jcal did not
+            write, nor one holding a `protect` path, e.g. the input).
+        """
+        with atomic_output_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
+            self.write_files(tmp, progress=progress)
         return Path(out_dir)
+
+    def write_files(self, folder: Path, *, progress=None) -> None:
+        """Write every output file into the existing (temporary) `folder`; `write` makes it atomic."""
+        t0 = time.perf_counter()
+        tmp = Path(folder)
+        if self.astrometry is not None:
+            (tmp / "wcs").mkdir()
+            worst = 0.0
+            for (visit, detector), (cards, rms) in self.wcs_cards().items():
+                worst = max(worst, rms)
+                # plain writes: the staging folder makes the whole output atomic
+                (tmp / "wcs" / f"{visit}_{detector}.fits").write_bytes(wcs_fits_bytes(cards))
+                if progress:
+                    progress()
+            self.timings["wcs_approximation_worst_rms_mas"] = worst
+            self.solution.save(tmp / "model")
+        _write_parquet(tmp / "measurements.parquet", self.measurement_table())
+        _write_parquet(tmp / "stars.parquet", self.star_table())
+        if self.photometry is not None:
+            self.photometry.write(tmp)
+        self.config.save(tmp / "config.json")
+        self.timings["write"] = time.perf_counter() - t0
+        (tmp / "metrics.json").write_text(json.dumps(_jsonable(self.metrics), indent=2) + "\n")
 
 
 @brief_jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)

@@ -389,24 +389,35 @@ class JointcalTask(Task):
 
     @timeMethod
     def runDirectory(self, input_dir, output_dir, *, clobber: bool = False, doBackup: bool = True,
-                     lsst: bool = False, progress=None) -> Struct:
+                     lsst: bool = False, progress=None, report: bool = False) -> Struct:
         """runDataRef/runQuantum equivalent: read `input_dir`, run, write everything to `output_dir`.
 
-        The fit outputs are written atomically by `FitResult.write` (an existing `output_dir` raises
-        FileExistsError unless clobber=True, which replaces it); then config, metadata, package
-        versions and schemas are added with `writeConfig` & co.
+        Every output file (the fit's, config, metadata, package versions, schemas, the chi2 file
+        and, with `report`, the diagnostic report) is written into one temporary folder that
+        becomes `output_dir` in one atomic rename (`jcal.io.atomic_output_dir`): a kill at any
+        moment leaves the previous state or a complete output. An existing `output_dir` raises
+        `OutputExistsError` unless clobber=True, which replaces a previous jcal output only (never
+        the input, nor a folder holding files jcal did not write). `doBackup` is accepted for
+        jointcal's signature: a fresh folder holds no older config to back up.
         """
-        if Path(output_dir).exists() and not clobber:  # fail before the fit, not after it
-            raise FileExistsError(f"output {str(output_dir)!r} already exists (clobber=True replaces it)")
-        data = self.readInputs(input_dir, lsst=lsst)
-        struct = self.run(data, progress=progress)
-        with self.timer("writeOutputs"):
-            struct.fitResult.write(output_dir, overwrite=clobber)
-            if self.config.writeChi2FilesInitialFinal and struct.fitResult.astrometry is not None:
-                self._writeChi2(struct.fitResult, Path(output_dir))
-        self.writeConfig(output_dir, clobber=clobber, doBackup=doBackup)
-        self.writePackageVersions(output_dir, clobber=clobber, doBackup=doBackup)
-        self.writeSchemas(output_dir, clobber=clobber, doBackup=doBackup)
+        from ..io.atomic import atomic_output_dir, check_target, overwrite_hint
+        with overwrite_hint("clobber=True"):
+            check_target(output_dir, clobber, protect=[input_dir])  # fail before the fit, not after it
+            data = self.readInputs(input_dir, lsst=lsst)
+            struct = self.run(data, progress=progress)
+            result = struct.fitResult
+            with self.timer("writeOutputs"), \
+                    atomic_output_dir(output_dir, overwrite=clobber, protect=[input_dir]) as tmp:
+                result.write_files(tmp)
+                if self.config.writeChi2FilesInitialFinal and result.astrometry is not None:
+                    self._writeChi2(result, tmp)
+                self.writeConfig(tmp)
+                self.writePackageVersions(tmp)
+                self.writeSchemas(tmp)
+                self.writeMetadata(tmp)
+                if report:
+                    from ..report import make_report
+                    make_report(tmp, shown_as=Path(output_dir))
         struct.outputDir = Path(output_dir)
         return struct
 
@@ -518,19 +529,18 @@ class JointcalTask(Task):
         out.task = task
         status = 0
         progress = None if parsed.quiet else (lambda stage, chi2: task.log.info("%s done: chi2 = %.6g", stage, chi2))
+        from ..io.atomic import overwrite_hint
         try:
-            res = task.runDirectory(parsed.input, parsed.out, clobber=parsed.overwrite,
-                                    doBackup=not parsed.no_backup_config, lsst=parsed.lsst, progress=progress)
+            with overwrite_hint("--overwrite"):
+                res = task.runDirectory(parsed.input, parsed.out, clobber=parsed.overwrite,
+                                        doBackup=not parsed.no_backup_config, lsst=parsed.lsst, progress=progress,
+                                        report=parsed.report)
         except Exception as exc:
             if parsed.doraise:
                 raise
             task.log.error("failed: %s: %s", type(exc).__name__, exc)
             status, res = 1, None
         if res is not None:
-            task.writeMetadata(parsed.out)
-            if parsed.report:
-                from ..report import make_report
-                make_report(parsed.out)
             if not parsed.quiet:
                 m = res.metrics
                 for key in ("astrometry_final_chi2", "astrometry_final_ndof", "astrometry_outliers",
