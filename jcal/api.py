@@ -12,6 +12,7 @@ from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import fit_astrometry
 from .result import FitResult
+from .screen import screen_input
 
 log = logging.getLogger("jcal")
 
@@ -28,9 +29,10 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
     config = config or FitConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    data, screening = screen_input(data, config)
     assoc = associate(data, config)
     timings["associate"] = time.perf_counter() - t0
-    result = FitResult(data, config, assoc, timings=timings)
+    result = FitResult(data, config, assoc, timings=timings, input_screening=screening)
     if config.astrometry:
         t0 = time.perf_counter()
         result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,

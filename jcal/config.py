@@ -70,6 +70,12 @@ class FitConfig:
     match_radius_arcsec: float = 1.0  # detections of one star across visits
     ref_match_radius_arcsec: float = 1.0  # fitted star <-> reference star
     min_measurements: int = 2  # a fitted star needs this many detections
+    # Input screening before association (jcal.screen): "drop" (warned, counted in metrics.json)
+    # or "error" (InputError naming them).
+    duplicate_detections: Literal["drop", "error"] = "drop"  # same detector-visit and source_id or x, y
+    outside_detector: Literal["drop", "error"] = "drop"  # beyond the detector by > outside_margin_pixels
+    outside_margin_pixels: float = 50.0
+    far_off_wcs: Literal["drop", "error"] = "drop"  # no reference star and no other visit near its footprint
 
     # Astrometric model.
     astrometry_model: Literal["constrained", "simple"] = "constrained"
@@ -116,6 +122,8 @@ class FitConfig:
         check("photometry_model", self.photometry_model in PHOTOMETRY_MODELS, f"one of {PHOTOMETRY_MODELS}")
         check("flux_errors", self.flux_errors in ("minimum", "jointcal"), "'minimum' or 'jointcal'")
         check("proper_motion", self.proper_motion in ("auto", "on", "off"), "one of ('auto', 'on', 'off')")
+        for name in ("duplicate_detections", "outside_detector", "far_off_wcs"):
+            check(name, getattr(self, name) in ("drop", "error"), "'drop' or 'error'")
         for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order"):
             v = getattr(self, name)
             check(name, isinstance(v, int) and 0 <= v <= 12, "an integer in [0, 12]")
@@ -125,7 +133,7 @@ class FitConfig:
         check("min_measurements", isinstance(self.min_measurements, int) and self.min_measurements >= 1,
               "an integer >= 1")
         for name in ("min_snr", "astrometry_pedestal_mas", "flux_pedestal", "magnitude_pedestal",
-                     "pm_min_baseline_years"):
+                     "pm_min_baseline_years", "outside_margin_pixels"):
             check(name, float(getattr(self, name)) >= 0, "a number >= 0")
         for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance",
                      "pm_prior_mas_yr"):

@@ -50,6 +50,7 @@ class FitResult:
     astrometry: AstrometryFit | None = None
     photometry: Any = None  # jcal.calibration.photometry.PhotometryFit
     timings: dict[str, float] = field(default_factory=dict)
+    input_screening: dict[str, Any] = field(default_factory=dict)  # jcal.screen.screen_input's summary
 
     # -- astrometry ------------------------------------------------------------------------------
     @property
@@ -175,6 +176,7 @@ class FitResult:
             })
         if self.photometry is not None:
             out.update(self.photometry.metrics())
+        out["input_screening"] = dict(self.input_screening)
         out["timings"] = dict(self.timings)
         return out
 

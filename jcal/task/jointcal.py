@@ -25,6 +25,8 @@ __all__ = ["JointcalConfig", "JointcalTask", "SourceSelectorConfig", "SourceSele
            "AstrometryFitTask", "PhotometryFitConfig", "PhotometryFitTask", "FIELD_MAP"]
 
 _D = FitConfig()
+_SCREEN_MODES = {"drop": "drop them with a warning, counted in metrics.json",
+                 "error": "raise InputError naming them"}
 _PHOT_MODELS = {"constrainedMagnitude": "constrained_magnitude", "constrainedFlux": "constrained_flux",
                 "simpleMagnitude": "simple_magnitude", "simpleFlux": "simple_flux"}
 
@@ -204,6 +206,14 @@ class JointcalConfig(Config):
                              "solve), 'minimum' at the minimum of chi2 (unbiased absolute level)", str,
                              default="jointcal", allowed={"jointcal": "jointcal's fixed point",
                                                           "minimum": "the minimum of chi2"})
+    duplicateSources = ChoiceField("[jcal] duplicate detections (same detector-visit and source_id, or x and y)",
+                                   str, default=_D.duplicate_detections, allowed=_SCREEN_MODES)
+    outsideDetector = ChoiceField("[jcal] detections beyond their detector by more than outsideDetectorMargin",
+                                  str, default=_D.outside_detector, allowed=_SCREEN_MODES)
+    outsideDetectorMargin = RangeField("[jcal] pixels beyond the detector's bounds tolerated", float,
+                                       default=_D.outside_margin_pixels, min=0.0)
+    farOffWcs = ChoiceField("[jcal] detector-visits whose first-guess WCS has no reference star and no other "
+                            "visit near it", str, default=_D.far_off_wcs, allowed=_SCREEN_MODES)
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -252,7 +262,9 @@ class JointcalConfig(Config):
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
-                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors)
+                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors,
+                duplicate_detections=self.duplicateSources, outside_detector=self.outsideDetector,
+                outside_margin_pixels=self.outsideDetectorMargin, far_off_wcs=self.farOffWcs)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -286,7 +298,8 @@ FIELD_MAP = {
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
-    "flux_errors": "fluxErrors",
+    "flux_errors": "fluxErrors", "duplicate_detections": "duplicateSources", "outside_detector": "outsideDetector",
+    "outside_margin_pixels": "outsideDetectorMargin", "far_off_wcs": "farOffWcs",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
@@ -345,6 +358,8 @@ class JointcalTask(Task):
         from ..result import FitResult
         c = self.config
         fitConfig = c.toFitConfig()
+        from ..screen import screen_input
+        data, screening = screen_input(data, fitConfig)
         sel = self.sourceSelector.run(data.sources)
         if not sel.selected.all():
             data = dataclasses.replace(data, sources=sel.sourceCat)
@@ -352,7 +367,7 @@ class JointcalTask(Task):
         timings: dict[str, float] = {}
         with self.timer("associate"):
             assoc = self.associate.run(data, fitConfig)
-        result = FitResult(data, fitConfig, assoc, timings=timings)
+        result = FitResult(data, fitConfig, assoc, timings=timings, input_screening=screening)
         if c.doAstrometry:
             result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
                                                        mapping_filter=mapping_filter, progress=progress)
