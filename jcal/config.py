@@ -25,6 +25,52 @@ class ConfigError(ValueError):
     """A configuration value that is out of range; the message names the field."""
 
 
+_MAX_DEPTH = 64  # nesting of a config file's JSON (configs are a few levels deep)
+
+
+def read_json_file(path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a JSON config file; any problem raises `error` naming the file (and line, column).
+
+    Deeply nested JSON is refused with a clear message rather than a RecursionError here or later."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the config file: {exc}") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)") from exc
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
+def line_of(path: str | Path, message: str) -> str:
+    """", line N" of the first line of `path` holding the last field named (quoted) in `message`."""
+    import re
+    names = re.findall(r"'([A-Za-z_][\w.]*)'", message)
+    if not names:
+        return ""
+    key = '"' + names[0].split(".")[-1] + '"'
+    try:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if key in line:
+                return f", line {number}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
 def normalise_colour_terms(terms: Any) -> dict[str, dict[str, Any]]:
     """`{band: {primary, secondary, c0, c1, c2}}` checked and completed (c0, c1, c2 default 0).
 
@@ -171,4 +217,11 @@ class FitConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FitConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a JSON file written by `save`; errors name the file (and the line of the field)."""
+        values = read_json_file(path)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{path}{line_of(path, str(exc))}: {exc}") from exc
