@@ -14,6 +14,7 @@ just before the folder's one atomic rename. It serves two ends:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -70,16 +71,21 @@ def _walk(root: Path, skip_manifest: bool = True):
 def write_manifest(root: str | os.PathLike, *, sync: bool = True) -> dict:
     """List (size, SHA-256) every file under `root` in ``root/jcal_manifest.json``; fsync files,
     manifest and folders when `sync`. Returns the manifest."""
-    from jcal import __version__
-
     root = Path(root)
     files = {rel: _hash_and_sync(full, sync) for rel, full in _walk(root)}
-    manifest = {"format": _FORMAT, "version": 1, "jcal_version": __version__, "files": files}
+    manifest = {"format": _FORMAT, "version": 1, "jcal_version": _jcal_version(), "files": files}
     _write_json(root / MANIFEST, manifest, sync)
     if sync:
         for dirpath, _, _ in os.walk(root):
             _sync_dir(Path(dirpath))
     return manifest
+
+
+def _jcal_version() -> str:
+    try:  # from the installed metadata: this module imports nothing of jcal (kill tests load it alone)
+        return importlib.metadata.version("jcal")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _write_json(path: Path, content: dict, sync: bool) -> None:
