@@ -53,7 +53,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from jcal.data import Camera, CcdVisit, InputData, InputError, VisitTable
+from jcal.data import Camera, CcdVisit, InputData, InputError, VisitTable, reading
 from jcal.io.lsst_refcat import (
     LsstRefcat,
     bounding_circle,
@@ -248,7 +248,7 @@ def read_afw_camera(path: str | os.PathLike, detectors: Iterable[int],
     """
     path = Path(path)
     want = [int(d) for d in detectors]
-    with fits.open(path) as hdul:
+    with reading(path, "afw Camera file"), fits.open(path) as hdul:
         hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)
                     and "fpPosition_x" in h.columns.names), None)
         if hdu is None:
