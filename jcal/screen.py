@@ -57,6 +57,15 @@ def _handle(mode: str, option: str, message: str) -> None:
     log.warning("%s; dropped as configured (%s=drop; 'error' rejects them)", message, names)
 
 
+def _report_rows(s, bad: np.ndarray, mode: str, option: str, what: str) -> int:
+    """Warn about (or reject, by `mode`) the source rows `bad`, naming ids and detector-visits; their count."""
+    if bad.any():
+        where = np.stack([s.visit[bad], s.detector[bad]], axis=1)
+        _handle(mode, option, f"sources: {int(bad.sum())} {what}: source_id {s.source_id[bad][:_NAMED].tolist()} "
+                              f"on {_pairs(where[unique_rows(where)[0]])}")
+    return int(bad.sum())
+
+
 def _duplicates(data: InputData) -> np.ndarray:
     """(n,) bool: rows repeating an earlier row of the same detector-visit (same source_id, or the
     same x and y), earlier in a content-based order so that the result ignores the row order."""
@@ -139,24 +148,15 @@ def screen_input(data: InputData, config: FitConfig) -> tuple[InputData, dict]:
     summary: dict = {}
 
     outside = _outside(data, config.outside_margin_pixels)
-    summary["outside_detector"] = int(outside.sum())
-    if outside.any():
-        where = np.stack([s.visit[outside], s.detector[outside]], axis=1)
-        _handle(config.outside_detector, "outside_detector",
-                f"sources: {int(outside.sum())} detection(s) lie more than {config.outside_margin_pixels:g} pixels "
-                f"outside their detector (source_id {s.source_id[outside][:_NAMED].tolist()}) on "
-                f"{_pairs(where[unique_rows(where)[0]])}")
-        keep &= ~outside
-
+    summary["outside_detector"] = _report_rows(
+        s, outside, config.outside_detector, "outside_detector",
+        f"detection(s) lie more than {config.outside_margin_pixels:g} pixels outside their detector")
+    keep &= ~outside
     dup = _duplicates(data) & keep
-    summary["duplicate_detections"] = int(dup.sum())
-    if dup.any():
-        where = np.stack([s.visit[dup], s.detector[dup]], axis=1)
-        _handle(config.duplicate_detections, "duplicate_detections",
-                f"sources: {int(dup.sum())} duplicate detection(s) (same detector-visit and source_id, or the "
-                f"same x and y; source_id {s.source_id[dup][:_NAMED].tolist()}) on "
-                f"{_pairs(where[unique_rows(where)[0]])}")
-        keep &= ~dup
+    summary["duplicate_detections"] = _report_rows(
+        s, dup, config.duplicate_detections, "duplicate_detections",
+        "duplicate detection(s) (same detector-visit and source_id, or the same x and y)")
+    keep &= ~dup
 
     keys_all = np.stack([s.visit, s.detector], axis=1)
     first, inverse = unique_rows(keys_all[keep])
