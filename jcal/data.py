@@ -225,6 +225,7 @@ class InputData:
     refcat: ReferenceCatalog
     visits: VisitTable
     camera: Camera | None = None
+    origin: str | None = None  # the folder it was read from (an output never replaces it)
 
     def __post_init__(self):
         if len(self.sources) == 0:

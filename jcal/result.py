@@ -185,8 +185,9 @@ class FitResult:
         """Write every output into `out_dir` atomically (all or nothing, see `atomic_output_dir`).
 
         overwrite: replace a previous jcal output at `out_dir` (never a folder jcal did not
-            write, nor one holding a `protect` path, e.g. the input).
+            write, nor the folder the data was read from, nor one holding a `protect` path).
         """
+        protect = (*protect, self.data.origin)
         with atomic_output_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
             self.write_files(tmp, progress=progress)
         return Path(out_dir)

@@ -421,3 +421,13 @@ def test_retarget_to_an_unrelated_task_is_refused(tmp_path):
     path.write_text(json.dumps({"associate": {"__target__": "jcal.task.jointcal.SourceSelectorTask"}}))
     with pytest.raises(FieldValidationError, match=r"r.json, line 1: .*'associate'.*not a subclass"):
         JointcalConfig().load(path)
+
+
+def test_python_write_never_replaces_the_folder_data_was_read_from(fitted):
+    root, res = fitted
+    data = jcal.read_input(root / "in")
+    result = dataclasses.replace(res.resultList[0].result.fitResult, data=data)
+    before = _listing(root / "in")
+    with pytest.raises(UnsafeOverwriteError, match="the input"):
+        result.write(root / "in", overwrite=True)
+    assert _listing(root / "in") == before

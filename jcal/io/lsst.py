@@ -404,7 +404,8 @@ def read_lsst(folder_or_paths: str | os.PathLike | LsstPaths, *, reference_error
                                      for k in pairs if k[1] == d])) for d in dets}
         camera = read_afw_camera(paths.camera, dets, scale)
 
-    data = InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat.catalog, visits=visits, camera=camera)
+    data = InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat.catalog, visits=visits, camera=camera,
+                     origin=None if isinstance(folder_or_paths, LsstPaths) else str(folder_or_paths))
     return LsstInputs(data=data, counts=counts, photo_calib=photo, visit_info=vinfo, refcat=refcat,
                       bounding_circle=circle, wcs_origin=origin, wcs_error_mas=errors,
                       summaries={k: summaries[k] for k in pairs})
