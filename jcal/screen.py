@@ -66,20 +66,40 @@ def _report_rows(s, bad: np.ndarray, mode: str, option: str, what: str) -> int:
     return int(bad.sum())
 
 
+def _repeated(cols: list[np.ndarray]) -> np.ndarray:
+    """(n,) bool: rows whose int64 values in all `cols` equal those of another row. A hash of the
+    row finds the candidates (one sort of n integers); they are then compared exactly."""
+    n = cols[0].shape[0]
+    h = np.zeros(n, np.uint64)
+    for c in cols:  # wrapping multiply-xor (numpy arrays wrap silently)
+        h = (h ^ c.view(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    out = np.zeros(n, dtype=bool)
+    cand = np.flatnonzero(counts[inverse.ravel()] > 1)
+    if cand.size:
+        _, exact = unique_rows(np.stack([c[cand] for c in cols], axis=1))
+        out[cand] = np.bincount(exact)[exact] > 1
+    return out
+
+
 def _duplicates(data: InputData) -> np.ndarray:
-    """(n,) bool: rows repeating an earlier row of the same detector-visit (same source_id, or the
-    same x and y), earlier in a content-based order so that the result ignores the row order."""
+    """(n,) bool: rows repeating another row of the same detector-visit (same source_id, or the
+    same x and y bit for bit) that comes first in a content-based order, so that the result
+    ignores the row order."""
     s = data.sources
-    order = np.lexsort((s.inst_flux, s.x, s.y, s.source_id, s.detector, s.visit))
+    by_id = [s.visit, s.detector, s.source_id]
+    by_xy = [s.visit, s.detector, s.x.view(np.int64), s.y.view(np.int64)]
     dup = np.zeros(len(s), dtype=bool)
-    by_id = np.stack([s.visit, s.detector, s.source_id], axis=1)[order]
-    # exact positions: the float bits as integers (a duplicated row repeats them bit for bit)
-    by_xy = np.stack([s.visit, s.detector, s.x.view(np.int64), s.y.view(np.int64)], axis=1)[order]
-    for keys in (by_id, by_xy):
-        first, _ = unique_rows(keys)
-        repeated = np.ones(len(s), dtype=bool)
-        repeated[first] = False
-        dup[order[repeated]] = True
+    rows = np.flatnonzero(_repeated(by_id) | _repeated(by_xy))
+    if rows.size == 0:
+        return dup
+    rows = rows[np.lexsort((s.inst_flux[rows], s.x[rows], s.y[rows], s.source_id[rows], s.detector[rows],
+                            s.visit[rows]))]
+    for cols in (by_id, by_xy):
+        first, _ = unique_rows(np.stack([c[rows] for c in cols], axis=1))
+        later = np.ones(rows.size, dtype=bool)
+        later[first] = False
+        dup[rows[later]] = True
     return dup
 
 
@@ -123,8 +143,8 @@ def _far_off(data: InputData, keys: np.ndarray) -> np.ndarray:
     idx = np.flatnonzero(ok)
     reach = _NEAR * radius[idx]
     ref_tree = cKDTree(unit_vectors(data.refcat.ra, data.refcat.dec))
-    has_ref = np.array([len(ref_tree.query_ball_point(c, 2 * np.sin(min(r, np.pi) / 2))) > 0
-                        for c, r in zip(centre[idx], reach)], dtype=bool)
+    has_ref = ref_tree.query_ball_point(centre[idx], 2 * np.sin(np.minimum(reach, np.pi) / 2),
+                                        return_length=True) > 0
     tree = cKDTree(centre[idx])
     biggest = radius[idx].max()
     visit = keys[idx, 0]
