@@ -431,3 +431,12 @@ def test_python_write_never_replaces_the_folder_data_was_read_from(fitted):
     with pytest.raises(UnsafeOverwriteError, match="the input"):
         result.write(root / "in", overwrite=True)
     assert _listing(root / "in") == before
+
+
+def test_report_rewritten_in_place_keeps_the_manifest_complete(fitted):
+    from jcal.report import make_report
+    root, _ = fitted
+    out = root / "out"
+    make_report(out)  # `jcal report OUT`: replaces report/, a jcal output inside a jcal output
+    assert verify_output(out) == [] and verify_output(out / "report") == [] and _leftovers(out) == []
+    check_target(out, True)  # still a replaceable jcal output
