@@ -47,6 +47,8 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    except (RecursionError, MemoryError) as exc:
+        raise FieldValidationError(f"value {text[:40]!r}... is nested too deeply to be a config value") from exc
 
 
 class Field:
