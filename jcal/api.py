@@ -14,6 +14,7 @@ from .calibration.astrometry import fit_astrometry
 from .jax_setup import ensure_configured, require_float64
 from .progress import capture_warnings, step
 from .result import FitResult
+from .screen import screen_input
 
 log = logging.getLogger("jcal")
 
@@ -44,10 +45,11 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
 def _fit(data, config, astrometry_model, mapping_filter, progress) -> FitResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    data, screening = screen_input(data, config)
     with step(progress, "associating detections"):
         assoc = associate(data, config)
     timings["associate"] = time.perf_counter() - t0
-    result = FitResult(data, config, assoc, timings=timings)
+    result = FitResult(data, config, assoc, timings=timings, input_screening=screening)
     if config.astrometry:
         t0 = time.perf_counter()
         with step(progress, "astrometric fit"):

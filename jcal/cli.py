@@ -153,7 +153,8 @@ def _run(argv: list[str]) -> int:
         import jcal
         with progress.step(f"simulating {args.preset}"):
             sim = jcal.simulate(args.preset, seed=args.seed)
-        with progress.step(f"writing {args.out}"):
+        from .io.atomic import overwrite_hint
+        with progress.step(f"writing {args.out}"), overwrite_hint("--overwrite"):
             jcal.write_simulation(sim, args.out, overwrite=args.overwrite)
         if not args.quiet:
             print(f"wrote {len(sim.data.sources)} detections to {args.out}")

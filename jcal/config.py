@@ -32,6 +32,52 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_MAX_DEPTH = 64  # nesting of a config file's JSON (configs are a few levels deep)
+
+
+def read_json_file(path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a JSON config file; any problem raises `error` naming the file (and line, column).
+
+    Deeply nested JSON is refused with a clear message rather than a RecursionError here or later."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the config file: {exc}") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)") from exc
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
+def line_of(path: str | Path, message: str) -> str:
+    """", line N" of the first line of `path` holding the last field named (quoted) in `message`."""
+    import re
+    names = re.findall(r"'([A-Za-z_][\w.]*)'", message)
+    if not names:
+        return ""
+    key = '"' + names[0].split(".")[-1] + '"'
+    try:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if key in line:
+                return f", line {number}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
 def normalise_colour_terms(terms: Any) -> dict[str, dict[str, Any]]:
     """`{band: {primary, secondary, c0, c1, c2}}` checked and completed (c0, c1, c2 default 0).
 
@@ -77,6 +123,12 @@ class FitConfig:
     match_radius_arcsec: float = 1.0  # detections of one star across visits
     ref_match_radius_arcsec: float = 1.0  # fitted star <-> reference star
     min_measurements: int = 2  # a fitted star needs this many detections
+    # Input screening before association (jcal.screen): "drop" (warned, counted in metrics.json)
+    # or "error" (InputError naming them).
+    duplicate_detections: Literal["drop", "error"] = "drop"  # same detector-visit and source_id or x, y
+    outside_detector: Literal["drop", "error"] = "drop"  # beyond the detector by > outside_margin_pixels
+    outside_margin_pixels: float = 50.0
+    far_off_wcs: Literal["drop", "error"] = "drop"  # no reference star and no other visit near its footprint
 
     # Astrometric model.
     astrometry_model: Literal["constrained", "simple"] = "constrained"
@@ -127,6 +179,8 @@ class FitConfig:
         check("flux_errors", self.flux_errors in ("minimum", "jointcal"), "'minimum' or 'jointcal'")
         check("wcs_format", self.wcs_format in ("sip", "tpv", "both"), "one of ('sip', 'tpv', 'both')")
         check("proper_motion", self.proper_motion in ("auto", "on", "off"), "one of ('auto', 'on', 'off')")
+        for name in ("duplicate_detections", "outside_detector", "far_off_wcs"):
+            check(name, getattr(self, name) in ("drop", "error"), "'drop' or 'error'")
         for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order"):
             v = getattr(self, name)
             check(name, isinstance(v, int) and 0 <= v <= 12, "an integer in [0, 12]")
@@ -136,7 +190,7 @@ class FitConfig:
         check("min_measurements", isinstance(self.min_measurements, int) and self.min_measurements >= 1,
               "an integer >= 1")
         for name in ("min_snr", "astrometry_pedestal_mas", "flux_pedestal", "magnitude_pedestal",
-                     "pm_min_baseline_years"):
+                     "pm_min_baseline_years", "outside_margin_pixels"):
             check(name, float(getattr(self, name)) >= 0, "a number >= 0")
         for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance",
                      "pm_prior_mas_yr"):
@@ -175,4 +229,11 @@ class FitConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "FitConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a JSON file written by `save`; errors name the file (and the line of the field)."""
+        values = read_json_file(path)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{path}{line_of(path, str(exc))}: {exc}") from exc

@@ -13,6 +13,7 @@ counts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -22,6 +23,18 @@ from astropy.wcs import WCS
 
 class InputError(ValueError):
     """Input data that jcal cannot fit; the message names the file/column/row at fault."""
+
+
+@contextlib.contextmanager
+def reading(path, what: str = "file"):
+    """Inside the block, any failure reading `path` (corrupt, truncated, unexpected types) becomes
+    an InputError naming the file, so a bad file never surfaces as a library's internal error."""
+    try:
+        yield
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a bad file
+        raise InputError(f"{path}: cannot read this {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _as_array(name: str, values, dtype, n: int | None) -> np.ndarray:
@@ -212,6 +225,7 @@ class InputData:
     refcat: ReferenceCatalog
     visits: VisitTable
     camera: Camera | None = None
+    origin: str | None = None  # the folder it was read from (an output never replaces it)
 
     def __post_init__(self):
         if len(self.sources) == 0:

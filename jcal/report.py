@@ -155,8 +155,12 @@ def eb_modes(xi_plus: np.ndarray, xi_minus: np.ndarray, dlnr: float) -> tuple[np
     return 0.5 * (xi_plus + j0_part), 0.5 * (xi_plus - j0_part)
 
 
-def make_report(out_dir, *, overwrite: bool = True) -> Path:
-    """Write `out_dir/report/index.html`, its PNGs and `summary.json`; returns the path of index.html."""
+def make_report(out_dir, *, overwrite: bool = True, shown_as=None) -> Path:
+    """Write `out_dir/report/index.html`, its PNGs and `summary.json`; returns the path of index.html.
+
+    shown_as: the output path the page names (default `out_dir`; differs while `out_dir` is
+    the temporary folder of an output being written).
+    """
     out_dir = Path(out_dir)
     meas, stars, metrics = _read(out_dir)
     figures: list[tuple[str, str, str]] = []  # (section, file, caption)
@@ -173,7 +177,7 @@ def make_report(out_dir, *, overwrite: bool = True) -> Path:
             notes.append("No astrometric residual columns: astrometry was not fitted.")
         _photometry_figures(meas, save, notes)
         (tmp / "summary.json").write_text(json.dumps(s, indent=1, default=float) + "\n")
-        (tmp / "index.html").write_text(page(out_dir, s, figures, notes))
+        (tmp / "index.html").write_text(page(shown_as or out_dir, s, figures, notes))
     return out_dir / "report" / "index.html"
 
 

@@ -54,6 +54,7 @@ class FitResult:
     photometry: Any = None  # jcal.calibration.photometry.PhotometryFit
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the fit logged as warnings (metrics "warnings")
+    input_screening: dict[str, Any] = field(default_factory=dict)  # jcal.screen.screen_input's summary
 
     # -- astrometry ------------------------------------------------------------------------------
     @property
@@ -183,18 +184,29 @@ class FitResult:
             })
         if self.photometry is not None:
             out.update(self.photometry.metrics())
+        out["input_screening"] = dict(self.input_screening)
         out["timings"] = dict(self.timings)
         out["warnings"] = list(self.warnings)
         return out
 
     # -- output ----------------------------------------------------------------------------------
-    def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None) -> Path:
-        """Write every output into `out_dir` atomically (all or nothing).
+    def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None, protect=()) -> Path:
+        """Write every output into `out_dir` atomically (all or nothing, see `atomic_output_dir`).
 
+        overwrite: replace a previous jcal output at `out_dir` (never a folder jcal did not
+            write, nor the folder the data was read from, nor one holding a `protect` path).
         progress: optional callable(n), called as each batch of n detector-visits' WCS files is written.
         """
+        protect = (*protect, self.data.origin)
+        with atomic_output_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
+            self.write_files(tmp, progress=progress)
+        return Path(out_dir)
+
+    def write_files(self, folder: Path, *, progress=None) -> None:
+        """Write every output file into the existing (temporary) `folder`; `write` makes it atomic."""
         t0 = time.perf_counter()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp, capture_warnings(self.warnings):
+        tmp = Path(folder)
+        with capture_warnings(self.warnings):
             if self.astrometry is not None:
                 self._write_wcs(tmp, progress)
                 self.solution.save(tmp / "model")
@@ -205,7 +217,6 @@ class FitResult:
             self.config.save(tmp / "config.json")
             self.timings["write"] = time.perf_counter() - t0
             (tmp / "metrics.json").write_text(json.dumps(_jsonable(self.metrics), indent=2) + "\n")
-        return Path(out_dir)
 
     def _write_wcs(self, tmp: Path, progress=None) -> None:
         """wcs/<visit>_<detector>.fits (TAN-SIP, or TPV for wcs_format="tpv"), and wcs_tpv/ for "both"."""

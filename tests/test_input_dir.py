@@ -74,7 +74,7 @@ def test_round_trip(sim, written):
 
 def test_written_layout(written):
     names = {p.name for p in written.iterdir()}
-    assert names == {"sources.parquet", "refcat.parquet", "visits.ecsv", "camera.ecsv", "wcs"}
+    assert names == {"sources.parquet", "refcat.parquet", "visits.ecsv", "camera.ecsv", "wcs", "jcal_manifest.json"}
     assert not [p for p in written.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
     assert len(list((written / "wcs").glob("*_*.fits"))) == 16
 
@@ -244,8 +244,8 @@ def test_atomic_exception_leaves_nothing(tmp_path):
 
 def test_atomic_existing_not_overwritten(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with atomic_output_dir(out) as tmp:  # a previous jcal output (replaceable; a foreign folder is not)
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(FileExistsError):
         with atomic_output_dir(out):
             pytest.fail("the block must not run")
@@ -255,11 +255,11 @@ def test_atomic_existing_not_overwritten(tmp_path):
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["jcal_manifest.json", "old.txt"]
 
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["jcal_manifest.json", "new.txt"]
     assert _leftovers(tmp_path) == []
 
 

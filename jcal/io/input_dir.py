@@ -427,7 +427,8 @@ def read_input(path: str | os.PathLike) -> InputData:
         wcs, nx, ny = _read_wcs(wcs_path, camera_size, detector)
         ccd_visits[(visit, detector)] = CcdVisit(visit=visit, detector=detector, wcs=wcs, nx=nx, ny=ny)
     log.info("%s: read %d detector-visit WCS files", root, len(ccd_visits))
-    return InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat, visits=visits, camera=camera)
+    return InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat, visits=visits, camera=camera,
+                     origin=str(root))
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from jcal.data import Camera, CcdVisit, InputData, InputError, VisitTable
+from jcal.data import Camera, CcdVisit, InputData, InputError, VisitTable, reading
 from jcal.io.lsst_refcat import (
     LsstRefcat,
     bounding_circle,
@@ -248,7 +248,7 @@ def read_afw_camera(path: str | os.PathLike, detectors: Iterable[int],
     """
     path = Path(path)
     want = [int(d) for d in detectors]
-    with fits.open(path) as hdul:
+    with reading(path, "afw Camera file"), fits.open(path) as hdul:
         hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)
                     and "fpPosition_x" in h.columns.names), None)
         if hdu is None:
@@ -404,7 +404,8 @@ def read_lsst(folder_or_paths: str | os.PathLike | LsstPaths, *, reference_error
                                      for k in pairs if k[1] == d])) for d in dets}
         camera = read_afw_camera(paths.camera, dets, scale)
 
-    data = InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat.catalog, visits=visits, camera=camera)
+    data = InputData(sources=sources, ccd_visits=ccd_visits, refcat=refcat.catalog, visits=visits, camera=camera,
+                     origin=None if isinstance(folder_or_paths, LsstPaths) else str(folder_or_paths))
     return LsstInputs(data=data, counts=counts, photo_calib=photo, visit_info=vinfo, refcat=refcat,
                       bounding_circle=circle, wcs_origin=origin, wcs_error_mas=errors,
                       summaries={k: summaries[k] for k in pairs})

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from jcal.data import InputError, ReferenceCatalog
+from jcal.data import InputError, ReferenceCatalog, reading
 from jcal_models import sky_to_tangent, tangent_to_sky
 
 log = logging.getLogger("jcal.io.lsst")
@@ -375,7 +375,7 @@ def read_lsst_refcat(folder: str | os.PathLike, ra: float, dec: float, radius_de
     units: dict[str, str] = {}
     for tid in present:
         path = files[tid]
-        with fits.open(path, memmap=False) as hdul:
+        with reading(path, "refcat shard"), fits.open(path, memmap=False) as hdul:
             hdu = hdul[1]
             data = hdu.data
             cols = data.columns.names

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jcal.data import InputError, SourceCatalog
+from jcal.data import InputError, SourceCatalog, reading
 
 log = logging.getLogger("jcal.io.lsst")
 
@@ -274,7 +274,8 @@ def read_source_table(path: str | os.PathLike, flux_type: str = "apFlux_12_0",
             flag_cols[flag] = col
 
     wanted = sorted(set(mapping.values()) | set(flag_cols.values()))
-    table = pq.read_table(path, columns=wanted)
+    with reading(path, "parquet source table"):
+        table = pq.read_table(path, columns=wanted)
     n = table.num_rows
 
     out: dict[str, np.ndarray] = {}

@@ -41,7 +41,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
-from jcal.data import InputError
+from jcal.data import InputError, reading
 from jcal.sky import unit_vectors
 from jcal_models import sky_to_tangent
 
@@ -108,28 +108,29 @@ def wcs_from_calexp_header(header_or_path) -> tuple[WCS, int, int]:
     shifted by XY0 to make the WCS take parent pixels directly.
     """
     header, src = _read_header(header_or_path)
-    for key in ("CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
-        if key not in header:
-            raise InputError(f"{src}: WCS keyword {key!r} is missing")
-    if header.get("CTYPE1A", "").strip() == "LINEAR" and "CRVAL1A" in header:
-        x0, y0 = float(header["CRVAL1A"]), float(header.get("CRVAL2A", 0.0))
-    else:
-        x0, y0 = -float(header.get("LTV1", 0.0)), -float(header.get("LTV2", 0.0))
-    try:
-        # key=" ": the primary celestial WCS only; the alternate "A" WCS is a pixel-offset helper.
-        wcs = WCS(header, key=" ", relax=True)
-    except Exception as exc:
-        raise InputError(f"{src}: cannot build a WCS: {exc}") from exc
-    if not wcs.has_celestial or wcs.naxis != 2:
-        raise InputError(f"{src}: the header WCS is not a 2-d celestial WCS")
-    if x0 or y0:
-        wcs.wcs.crpix = wcs.wcs.crpix + np.array([x0, y0])
-        if wcs.sip is not None:
-            wcs.sip = Sip(wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.wcs.crpix)
-        wcs.wcs.set()
-    nx = int(header.get("NAXIS1", header.get("ZNAXIS1", 0)))
-    ny = int(header.get("NAXIS2", header.get("ZNAXIS2", 0)))
-    return wcs, nx, ny
+    with reading(src, "calexp header"):  # header values of the wrong type, too
+        for key in ("CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
+            if key not in header:
+                raise InputError(f"{src}: WCS keyword {key!r} is missing")
+        if header.get("CTYPE1A", "").strip() == "LINEAR" and "CRVAL1A" in header:
+            x0, y0 = float(header["CRVAL1A"]), float(header.get("CRVAL2A", 0.0))
+        else:
+            x0, y0 = -float(header.get("LTV1", 0.0)), -float(header.get("LTV2", 0.0))
+        try:
+            # key=" ": the primary celestial WCS only; the alternate "A" WCS is a pixel-offset helper.
+            wcs = WCS(header, key=" ", relax=True)
+        except Exception as exc:
+            raise InputError(f"{src}: cannot build a WCS: {exc}") from exc
+        if not wcs.has_celestial or wcs.naxis != 2:
+            raise InputError(f"{src}: the header WCS is not a 2-d celestial WCS")
+        if x0 or y0:
+            wcs.wcs.crpix = wcs.wcs.crpix + np.array([x0, y0])
+            if wcs.sip is not None:
+                wcs.sip = Sip(wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.wcs.crpix)
+            wcs.wcs.set()
+        nx = int(header.get("NAXIS1", header.get("ZNAXIS1", 0)))
+        ny = int(header.get("NAXIS2", header.get("ZNAXIS2", 0)))
+        return wcs, nx, ny
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def read_skywcs_file(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: SkyWcs file not found")
-    with fits.open(path) as hdul:
+    with reading(path, "SkyWcs file"), fits.open(path) as hdul:
         arch = _AfwArchive(hdul, str(path))
         ids = arch.index["id"][np.char.strip(np.asarray(arch.index["name"]).astype(str)) == "SkyWcs"]
         if len(ids) == 0:
@@ -253,7 +254,7 @@ def read_visit_summary(path: str | os.PathLike) -> list[CcdSummary]:
     if not path.exists():
         raise InputError(f"{path}: visitSummary not found")
     out: list[CcdSummary] = []
-    with fits.open(path) as hdul:
+    with reading(path, "visitSummary"), fits.open(path) as hdul:
         if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
             raise InputError(f"{src}: HDU 1 is not the visitSummary row table")
         main = hdul[1].data

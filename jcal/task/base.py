@@ -54,14 +54,18 @@ def write_checked(path: str | Path, content: dict, *, clobber: bool, doBackup: b
 
     Existing file: equal content (by `compare(old, new)`, default ==) -> left as is;
     different and ``clobber=False`` -> `TaskError`; ``clobber=True`` -> replaced, the old one
-    first renamed to ``path~N`` when ``doBackup``. The write itself is atomic.
+    first renamed to ``path~N`` when ``doBackup``. The write itself is atomic, the file's mode
+    follows the umask, and a jcal output folder's manifest is updated to list it.
     """
+    from ..io.atomic import current_umask
+    from ..io.manifest import record
     path = Path(path)
     text = json.dumps(content, indent=2, sort_keys=False) + "\n"
+    written = [path.name]
     if path.exists():
         try:
             old = json.loads(path.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):
             old = None
         same = (compare(old, content) if compare else old == json.loads(text)) if old is not None else False
         if same and not clobber:
@@ -70,10 +74,13 @@ def write_checked(path: str | Path, content: dict, *, clobber: bool, doBackup: b
             raise TaskError(f"{what}: existing {str(path)!r} differs from the new one and clobber=False "
                             "(pass clobber=True to replace it; doBackup=True keeps the old one as ~N)")
         if doBackup:
-            os.rename(path, _backup_name(path))
+            backup = _backup_name(path)
+            os.rename(path, backup)
+            written.append(backup.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's files are private (0600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -81,6 +88,7 @@ def write_checked(path: str | Path, content: dict, *, clobber: bool, doBackup: b
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    record(path.parent, written)
     return path
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import did_you_mean
+from ..config import did_you_mean, line_of, read_json_file
 
 __all__ = ["Config", "Field", "ChoiceField", "RangeField", "ListField", "ConfigurableField",
            "ConfigurableInstance", "FieldValidationError", "FrozenConfigError", "parse_value"]
@@ -52,6 +52,8 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+    except (RecursionError, MemoryError) as exc:
+        raise FieldValidationError(f"value {text[:40]!r}... is nested too deeply to be a config value") from exc
 
 
 class Field:
@@ -195,6 +197,11 @@ class ConfigurableInstance:
         """Use `target` (a Task class) for this subtask; its config becomes a fresh `ConfigClass`."""
         if self._owner._frozen:
             raise FrozenConfigError(f"cannot retarget {self._field.name!r}: config is frozen")
+        base = self._field.target
+        if not (isinstance(target, type) and issubclass(target, base)):
+            raise FieldValidationError(
+                f"config field {self._field.name!r}: cannot retarget to {target!r}: not a subclass of "
+                f"{_qualified(base)}, whose methods the parent task calls (subclass it to replace it)")
         ConfigClass = ConfigClass or getattr(target, "ConfigClass", None)
         if ConfigClass is None or not (isinstance(ConfigClass, type) and issubclass(ConfigClass, Config)):
             raise FieldValidationError(f"config field {self._field.name!r}: retarget to {target!r} needs a "
@@ -363,12 +370,18 @@ class Config:
         return json.dumps({"__class__": _qualified(type(self)), **self.toDict()}, indent=2) + "\n"
 
     def load(self, path: str | Path) -> "Config":
-        """Apply a JSON file written by `save` (or a subset of its keys) onto this config."""
-        values = json.loads(Path(path).read_text())
+        """Apply a JSON file written by `save` (or a subset of its keys) onto this config.
+
+        Errors (unreadable file, invalid or too deeply nested JSON, a bad field) raise
+        `FieldValidationError` naming the file and, where it can be found, the line."""
+        values = read_json_file(path, FieldValidationError)
         if not isinstance(values, dict):
             raise FieldValidationError(f"{path}: expected a JSON object of config fields")
         values.pop("__class__", None)
-        self.applyDict(values)
+        try:
+            self.applyDict(values)
+        except FieldValidationError as exc:
+            raise FieldValidationError(f"{path}{line_of(path, str(exc))}: {exc}") from exc
         return self
 
     @classmethod

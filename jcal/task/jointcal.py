@@ -26,6 +26,8 @@ __all__ = ["JointcalConfig", "JointcalTask", "SourceSelectorConfig", "SourceSele
            "AstrometryFitTask", "PhotometryFitConfig", "PhotometryFitTask", "FIELD_MAP"]
 
 _D = FitConfig()
+_SCREEN_MODES = {"drop": "drop them with a warning, counted in metrics.json",
+                 "error": "raise InputError naming them"}
 _PHOT_MODELS = {"constrainedMagnitude": "constrained_magnitude", "constrainedFlux": "constrained_flux",
                 "simpleMagnitude": "simple_magnitude", "simpleFlux": "simple_flux"}
 
@@ -207,6 +209,14 @@ class JointcalConfig(Config):
                                                           "minimum": "the minimum of chi2"})
     wcsFormat = ChoiceField("[jcal] output FITS WCS files", str, default=_D.wcs_format, allowed={
         "sip": "TAN-SIP in wcs/", "tpv": "TPV (SCAMP) in wcs/", "both": "TAN-SIP in wcs/, TPV in wcs_tpv/"})
+    duplicateSources = ChoiceField("[jcal] duplicate detections (same detector-visit and source_id, or x and y)",
+                                   str, default=_D.duplicate_detections, allowed=_SCREEN_MODES)
+    outsideDetector = ChoiceField("[jcal] detections beyond their detector by more than outsideDetectorMargin",
+                                  str, default=_D.outside_detector, allowed=_SCREEN_MODES)
+    outsideDetectorMargin = RangeField("[jcal] pixels beyond the detector's bounds tolerated", float,
+                                       default=_D.outside_margin_pixels, min=0.0)
+    farOffWcs = ChoiceField("[jcal] detector-visits whose first-guess WCS has no reference star and no other "
+                            "visit near it", str, default=_D.far_off_wcs, allowed=_SCREEN_MODES)
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -255,7 +265,9 @@ class JointcalConfig(Config):
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
-                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors, wcs_format=self.wcsFormat)
+                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors, wcs_format=self.wcsFormat,
+                duplicate_detections=self.duplicateSources, outside_detector=self.outsideDetector,
+                outside_margin_pixels=self.outsideDetectorMargin, far_off_wcs=self.farOffWcs)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -289,7 +301,8 @@ FIELD_MAP = {
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
-    "flux_errors": "fluxErrors", "wcs_format": "wcsFormat",
+    "flux_errors": "fluxErrors", "wcs_format": "wcsFormat", "duplicate_detections": "duplicateSources",
+    "outside_detector": "outsideDetector", "outside_margin_pixels": "outsideDetectorMargin", "far_off_wcs": "farOffWcs",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
@@ -379,6 +392,8 @@ class JointcalTask(Task):
         ensure_configured()
         c = self.config
         fitConfig = c.toFitConfig()
+        from ..screen import screen_input
+        data, screening = screen_input(data, fitConfig)
         sel = self.sourceSelector.run(data.sources)
         if not sel.selected.all():
             data = dataclasses.replace(data, sources=sel.sourceCat)
@@ -386,7 +401,7 @@ class JointcalTask(Task):
         timings: dict[str, float] = {}
         with self.timer("associate"), step(progress, "associating detections"):
             assoc = self.associate.run(data, fitConfig)
-        result = FitResult(data, fitConfig, assoc, timings=timings)
+        result = FitResult(data, fitConfig, assoc, timings=timings, input_screening=screening)
         if c.doAstrometry:
             with step(progress, "astrometric fit"):
                 result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
@@ -424,27 +439,38 @@ class JointcalTask(Task):
 
     @timeMethod
     def runDirectory(self, input_dir, output_dir, *, clobber: bool = False, doBackup: bool = True,
-                     lsst: bool = False, progress=None) -> Struct:
+                     lsst: bool = False, progress=None, report: bool = False) -> Struct:
         """runDataRef/runQuantum equivalent: read `input_dir`, run, write everything to `output_dir`.
 
-        The fit outputs are written atomically by `FitResult.write` (an existing `output_dir` raises
-        FileExistsError unless clobber=True, which replaces it); then config, metadata, package
-        versions and schemas are added with `writeConfig` & co.
+        Every output file (the fit's, config, metadata, package versions, schemas, the chi2 file
+        and, with `report`, the diagnostic report) is written into one temporary folder that
+        becomes `output_dir` in one atomic rename (`jcal.io.atomic_output_dir`): a kill at any
+        moment leaves the previous state or a complete output. An existing `output_dir` raises
+        `OutputExistsError` unless clobber=True, which replaces a previous jcal output only (never
+        the input, nor a folder holding files jcal did not write). `doBackup` is accepted for
+        jointcal's signature: a fresh folder holds no older config to back up.
         """
-        if Path(output_dir).exists() and not clobber:  # fail before the fit, not after it
-            raise FileExistsError(f"output {str(output_dir)!r} already exists (clobber=True replaces it)")
-        with step(progress, f"reading {input_dir}"):
-            data = self.readInputs(input_dir, lsst=lsst)
-        struct = self.run(data, progress=progress)
-        result = struct.fitResult
-        with self.timer("writeOutputs"), step(progress, f"writing {output_dir}",
-                                              total=len(result.association.ccd_visits)) as update:
-            result.write(output_dir, overwrite=clobber, progress=update)
-            if self.config.writeChi2FilesInitialFinal and struct.fitResult.astrometry is not None:
-                self._writeChi2(struct.fitResult, Path(output_dir))
-        self.writeConfig(output_dir, clobber=clobber, doBackup=doBackup)
-        self.writePackageVersions(output_dir, clobber=clobber, doBackup=doBackup)
-        self.writeSchemas(output_dir, clobber=clobber, doBackup=doBackup)
+        from ..io.atomic import atomic_output_dir, check_target, overwrite_hint
+        with overwrite_hint("clobber=True"):
+            check_target(output_dir, clobber, protect=[input_dir])  # fail before the fit, not after it
+            with step(progress, f"reading {input_dir}"):
+                data = self.readInputs(input_dir, lsst=lsst)
+            struct = self.run(data, progress=progress)
+            result = struct.fitResult
+            with self.timer("writeOutputs"), \
+                    atomic_output_dir(output_dir, overwrite=clobber, protect=[input_dir]) as tmp:
+                with step(progress, f"writing {output_dir}", total=len(result.association.ccd_visits)) as update:
+                    result.write_files(tmp, progress=update)
+                if self.config.writeChi2FilesInitialFinal and result.astrometry is not None:
+                    self._writeChi2(result, tmp)
+                self.writeConfig(tmp)
+                self.writePackageVersions(tmp)
+                self.writeSchemas(tmp)
+                self.writeMetadata(tmp)
+                if report:
+                    from ..report import make_report
+                    with step(progress, "writing the report"):
+                        make_report(tmp, shown_as=Path(output_dir))
         struct.outputDir = Path(output_dir)
         return struct
 
@@ -542,20 +568,18 @@ class JointcalTask(Task):
         out.task = task
         status = 0
         progress = Progress(enabled=not parsed.quiet)
+        from ..io.atomic import overwrite_hint
         try:
-            res = task.runDirectory(parsed.input, parsed.out, clobber=parsed.overwrite,
-                                    doBackup=not parsed.no_backup_config, lsst=parsed.lsst, progress=progress)
+            with overwrite_hint("--overwrite"):
+                res = task.runDirectory(parsed.input, parsed.out, clobber=parsed.overwrite,
+                                        doBackup=not parsed.no_backup_config, lsst=parsed.lsst, progress=progress,
+                                        report=parsed.report)
         except Exception as exc:
             if parsed.doraise:
                 raise
             task.log.error("failed: %s: %s", type(exc).__name__, exc)
             status, res = 1, None
         if res is not None:
-            task.writeMetadata(parsed.out)
-            if parsed.report:
-                from ..report import make_report
-                with progress.step("writing the report"):
-                    make_report(parsed.out)
             if not parsed.quiet:
                 m = res.metrics
                 for key in ("astrometry_final_chi2", "astrometry_final_ndof", "astrometry_outliers",
