@@ -24,7 +24,8 @@ from astropy.io import fits
 from jcal.data import InputError
 from jcal.io.lsst_refcat import RefcatShards
 
-__all__ = ["afw_catalog_to_hdulist", "as_hdulist", "as_source_table", "hdulist_from_bytes", "lsst_paths_from_objects"]
+__all__ = ["afw_catalog_to_hdulist", "as_hdulist", "as_source_table", "hdulist_from_bytes", "lsst_paths_from_datarefs",
+           "lsst_paths_from_objects"]
 
 
 def hdulist_from_bytes(data: bytes) -> fits.HDUList:
@@ -106,3 +107,40 @@ def lsst_paths_from_objects(sources: Iterable[Any], visit_summaries: Iterable[An
     return LsstPaths(sources=srcs, visit_summaries=summaries,
                      refcat=RefcatShards(name=refcat_name, shards=shards, depth=refcat_depth,
                                          version=refcat_version))
+
+
+def _with_ids(table: pa.Table | Path, data_id: Mapping[str, Any]) -> pa.Table | Path:
+    """Add constant visit/detector columns from the data ID where an in-memory table lacks them."""
+    if isinstance(table, pa.Table):
+        for key in ("visit", "detector"):
+            if key not in table.column_names and key in data_id:
+                table = table.append_column(key, pa.array([int(data_id[key])] * table.num_rows, pa.int64()))
+    return table
+
+
+def lsst_paths_from_datarefs(dataRefs: Iterable[Any]):
+    """An `LsstPaths` from Gen2-style data references (``.dataId`` with ``visit``; ``.get(datasetType)``).
+
+    Each reference gives ``get("sourceTable")`` (its detector's or visit's source table) and
+    ``get("visitSummary")`` (read once per visit); the first gives ``get("refcat")``: a refcat
+    folder (path) or ``{HTM id: shard}`` -- jointcal's Gen2 task loaded it through the butler instead.
+    """
+    from jcal.io.lsst import LsstPaths
+    refs = list(dataRefs)
+    if not refs:
+        raise InputError("runDataRef: no data references given")
+    sources, summaries = [], {}
+    for i, ref in enumerate(refs):
+        data_id = dict(ref.dataId)
+        if "visit" not in data_id:
+            raise InputError(f"data reference {i}: dataId {data_id} has no 'visit'")
+        sources.append(_with_ids(as_source_table(ref.get("sourceTable"), f"sourceTable {data_id}"), data_id))
+        if data_id["visit"] not in summaries:
+            summaries[data_id["visit"]] = as_hdulist(ref.get("visitSummary"), f"visitSummary {data_id}")
+    refcat = refs[0].get("refcat")
+    if isinstance(refcat, (str, os.PathLike)):
+        return LsstPaths(sources=tuple(sources), visit_summaries=tuple(summaries.values()), refcat=Path(refcat))
+    if isinstance(refcat, RefcatShards):
+        return lsst_paths_from_objects(sources, summaries.values(), refcat.shards, refcat.name,
+                                       refcat_depth=refcat.depth, refcat_version=refcat.version)
+    return lsst_paths_from_objects(sources, summaries.values(), refcat, "refcat")

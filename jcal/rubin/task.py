@@ -160,11 +160,7 @@ class JcalPipelineTask(pipeBase.PipelineTask):
                                         [load(h) for h in inputVisitSummary],
                                         {k: load(h) for k, h in referenceCatalog.items()}, refcatName,
                                         refcat_depth=refcatDepth)
-        with self.timer("readInputs"):
-            from ..io.lsst import read_lsst
-            data = read_lsst(paths, reference_error_mas=self.fitter.config.astrometryReferenceErr,
-                             flux_type=self.config.sourceFluxType,
-                             selection=self.fitter.sourceSelector.lsst_selection()).data
+        data = self.fitter.readInputs(paths, lsst=True, flux_type=self.config.sourceFluxType)
         with self.timer("fit"):
             fit = self.fitter.run(data)
         result = fit.fitResult
