@@ -2,8 +2,8 @@
 
 What: the storage class ``JcalFits`` (Python type ``astropy.io.fits.HDUList``) with its formatter
 `FitsHDUListFormatter`, declared in ``butler_seed.yaml`` (`SEED_CONFIG`), which a repository
-takes at creation (``butler create REPO --seed-config SEED_CONFIG``) or from
-``DAF_BUTLER_CONFIG_PATH``. Where afw is installed, ``ExposureCatalog``/``SimpleCatalog``
+takes at creation (``butler create REPO --seed-config SEED_CONFIG``); an existing repository
+gets its two sections added to its ``butler.yaml``. Where afw is installed, ``ExposureCatalog``/``SimpleCatalog``
 datasets (the standard ``visitSummary`` and refcat dataset types) convert to ``JcalFits`` through
 `afw_catalog_to_hdulist`, so jcal's connections accept them as they are registered.
 
