@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from astropy.io import fits
 
 from jcal.io.lsst_objects import hdulist_from_bytes
 from jcal.task import JointcalConfig, JointcalTask, TaskError
@@ -180,3 +182,29 @@ def test_two_tracts_run_as_parallel_quanta(tmp_path):
     stars = butler.get("jcalFittedStars", instrument="MegaPrime", skymap="jcal_skymap", tract=0,
                        physical_filter="r.MP9601")
     assert len(stars) == 2
+
+
+@needs_middleware
+def test_output_tables_carry_the_fitted_wcs_and_calibration():
+    """The butler outputs of a fit with astrometry (a simulated survey: cfht_minimal cannot fit a WCS)."""
+    import jcal
+    from astropy.wcs import WCS
+
+    from jcal.rubin.task import output_tables
+    sim = jcal.simulate("tiny", seed=1)
+    config = JointcalConfig()
+    config.astrometryVisitOrder = 2
+    config.photometryModel = "simpleFlux"
+    struct = JointcalTask(config=config).run(sim.data)
+    out = output_tables(struct, tract=7)
+    assert out.outputMetrics["tract"] == 7 and set(out.outputWcs) == set(out.outputPhotoCalib)
+    visit = min(out.outputWcs)
+    wcs_table = out.outputWcs[visit]
+    det = int(wcs_table["detector"][0])
+    wcs = WCS(fits.Header.fromstring(wcs_table["header"][0], sep="\n"))
+    ra, dec = wcs.all_pix2world([100.0], [200.0], 0)
+    fra, fdec = struct.fitResult.pixel_to_sky(visit, det, [100.0], [200.0])
+    assert abs((ra[0] - fra[0]) * np.cos(np.radians(dec[0]))) * 3.6e6 < 5 and abs(dec[0] - fdec[0]) * 3.6e6 < 5  # mas
+    cal = out.outputPhotoCalib[visit]
+    assert list(cal["detector"]) == sorted(cal["detector"]) and np.all(cal["calib_mean"] > 0)
+    assert len(out.outputStars) == len(struct.stars["star"])

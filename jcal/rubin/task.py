@@ -41,7 +41,7 @@ from ..result import _jsonable
 from ..task.jointcal import JointcalConfig, JointcalTask
 from .config import pex_fields, to_jointcal_config
 
-__all__ = ["JcalConnections", "JcalPipelineConfig", "JcalPipelineTask"]
+__all__ = ["JcalConnections", "JcalPipelineConfig", "JcalPipelineTask", "output_tables"]
 
 
 class JcalConnections(pipeBase.PipelineTaskConnections,
@@ -163,23 +163,10 @@ class JcalPipelineTask(pipeBase.PipelineTask):
         data = self.fitter.readInputs(paths, lsst=True, flux_type=self.config.sourceFluxType)
         with self.timer("fit"):
             fit = self.fitter.run(data)
-        result = fit.fitResult
-        metrics = _jsonable(fit.metrics)
-        if tract is not None:
-            metrics["tract"] = int(tract)
-        for k, v in metrics.items():
+        out = output_tables(fit, tract)
+        for k, v in out.outputMetrics.items():
             if isinstance(v, (int, float, bool, str)):
                 self.metadata[k] = v
-        out = pipeBase.Struct(outputStars=_table(result.star_table()),
-                              outputMeasurements=_table(result.measurement_table()),
-                              outputMetrics=metrics, fitResult=result)
-        if fit.wcsHeaders:
-            out.outputWcs = _per_visit({k: {"header": h.tostring(sep="\n")} for k, h in fit.wcsHeaders.items()})
-        if result.photometry is not None:
-            cal = result.photometry.calibration_table()
-            rows = {(int(v), int(d)): {c: cal[c][i] for c in cal if c not in ("visit", "detector")}
-                    for i, (v, d) in enumerate(zip(cal["visit"], cal["detector"]))}
-            out.outputPhotoCalib = _per_visit(rows)
         return out
 
     def getSchemaCatalogs(self) -> dict[str, Any]:
@@ -188,6 +175,25 @@ class JcalPipelineTask(pipeBase.PipelineTask):
 
     def getAllSchemaCatalogs(self) -> dict[str, Any]:
         return self.fitter.getAllSchemaCatalogs()
+
+
+def output_tables(fit: pipeBase.Struct, tract: int | None = None) -> pipeBase.Struct:
+    """The butler outputs of a facade `JointcalTask.run` Struct (see the module docstring)."""
+    result = fit.fitResult
+    metrics = _jsonable(fit.metrics)
+    if tract is not None:
+        metrics["tract"] = int(tract)
+    out = pipeBase.Struct(outputStars=_table(result.star_table()),
+                          outputMeasurements=_table(result.measurement_table()),
+                          outputMetrics=metrics, fitResult=result)
+    if fit.wcsHeaders:
+        out.outputWcs = _per_visit({k: {"header": h.tostring(sep="\n")} for k, h in fit.wcsHeaders.items()})
+    if result.photometry is not None:
+        cal = result.photometry.calibration_table()
+        rows = {(int(v), int(d)): {c: cal[c][i] for c in cal if c not in ("visit", "detector")}
+                for i, (v, d) in enumerate(zip(cal["visit"], cal["detector"]))}
+        out.outputPhotoCalib = _per_visit(rows)
+    return out
 
 
 def _table(columns: dict[str, np.ndarray]) -> Table:
