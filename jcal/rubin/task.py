@@ -87,6 +87,7 @@ class JcalConnections(pipeBase.PipelineTaskConnections,
 class JcalPipelineConfig(pipeBase.PipelineTaskConfig, pipelineConnections=JcalConnections):
     """jointcal's config fields (generated from `jcal.task.JointcalConfig`), plus the input options."""
 
+    # The facade's field table, as pex_config fields (a class body's locals() is the class namespace).
     locals().update(pex_fields(JointcalConfig))
     sourceFluxType = pexConfig.Field(doc="flux whose <name>_instFlux(Err) columns are fitted (jointcal's "
                                          "sourceFluxType)", dtype=str, default="apFlux_12_0")
