@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 from astropy.io import fits
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
@@ -56,6 +57,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from jcal.data import Camera, CcdVisit, InputData, InputError, VisitTable, reading
 from jcal.io.lsst_refcat import (
     LsstRefcat,
+    RefcatShards,
     bounding_circle,
     htm_index,
     htm_trixel_vertices,
@@ -98,6 +100,7 @@ __all__ = [
     "LsstPaths",
     "LsstRefcat",
     "LsstSourceSelection",
+    "RefcatShards",
     "PhotoCalibGuess",
     "SelectionCounts",
     "VisitInfo",
@@ -125,12 +128,17 @@ _HEADER_NAME = re.compile(r"^(\d+)_(\d+)(?:_image)?\.(?:hdr|txt|fits)$")
 
 @dataclass(frozen=True)
 class LsstPaths:
-    """Explicit input files, for data not laid out as `from_folder` expects."""
+    """Explicit inputs, for data not laid out as `from_folder` expects.
 
-    sources: tuple[Path, ...]
-    visit_summaries: tuple[Path, ...]
-    refcat: Path  # an LSST refcat folder (config.py + <htm>.fits)
-    calexp_headers: dict[tuple[int, int], Path] = field(default_factory=dict)  # (visit, det) -> header
+    Each entry is a path or the same content in memory (as a data butler hands it over):
+    a source table as a ``pyarrow.Table``, a visitSummary as an ``astropy.io.fits.HDUList``,
+    the refcat as a `RefcatShards`, a calexp header as an ``astropy.io.fits.Header``.
+    """
+
+    sources: tuple[Path | pa.Table, ...]
+    visit_summaries: tuple[Path | fits.HDUList, ...]
+    refcat: Path | RefcatShards  # an LSST refcat folder (config.py + <htm>.fits), or its shards
+    calexp_headers: dict[tuple[int, int], Path | fits.Header] = field(default_factory=dict)  # (visit, det)
     camera: Path | None = None
 
     @classmethod

@@ -41,6 +41,7 @@ raised, as jointcal raises a config validation error.
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ log = logging.getLogger("jcal.io.lsst")
 
 __all__ = [
     "LsstRefcat",
+    "RefcatShards",
     "bounding_circle",
     "htm_index",
     "htm_trixel_vertices",
@@ -327,6 +329,11 @@ def _shard_files(folder: Path) -> dict[int, Path]:
     return {int(p.stem): p for p in folder.glob("*.fits") if p.stem.isdigit()}
 
 
+def _open_shard(shard: Path | fits.HDUList):
+    """Context manager giving the shard's HDUList (an in-memory one is left open)."""
+    return fits.open(shard, memmap=False) if isinstance(shard, Path) else contextlib.nullcontext(shard)
+
+
 def _flux_scale(unit: str, version: int | None, col: str, src: str) -> float:
     unit = (unit or "").strip()
     if unit == "nJy":
@@ -340,18 +347,37 @@ def _flux_scale(unit: str, version: int | None, col: str, src: str) -> float:
     raise InputError(f"{src}: flux column {col!r} has unit {unit!r}; expected nJy (or Jy)")
 
 
-def read_lsst_refcat(folder: str | os.PathLike, ra: float, dec: float, radius_deg: float, *,
+@dataclass(frozen=True)
+class RefcatShards:
+    """Refcat shards already opened (e.g. read from a data butler): ``{htm id: HDUList}``.
+
+    Stands in for a refcat folder; `version` is the folder's ``format_version`` (None: the
+    shards' units decide), `depth` its HTM depth.
+    """
+
+    name: str
+    shards: dict[int, fits.HDUList]
+    depth: int = 7
+    version: int | None = None
+
+
+def read_lsst_refcat(folder: str | os.PathLike | RefcatShards, ra: float, dec: float, radius_deg: float, *,
                      reference_error_mas: float | None = None) -> LsstRefcat:
     """Reference stars of an LSST refcat folder within `radius_deg` of (`ra`, `dec`) (degrees).
 
-    Raises `InputError` when the folder has no shard covering the circle, when no row is
-    inside it, or when the catalog has no coordinate errors and `reference_error_mas` is None.
+    `folder` may also be a `RefcatShards` (shards in memory). Raises `InputError` when the
+    folder has no shard covering the circle, when no row is inside it, or when the catalog has no
+    coordinate errors and `reference_error_mas` is None.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: refcat folder not found")
-    name, depth, version = _refcat_info(folder)
-    files = _shard_files(folder)
+    if isinstance(folder, RefcatShards):
+        name, depth, version, files = folder.name, folder.depth, folder.version, folder.shards
+        folder = Path(f"<refcat {folder.name}>")
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: refcat folder not found")
+        name, depth, version = _refcat_info(folder)
+        files = _shard_files(folder)
     if not files:
         raise InputError(f"{folder}: no <htm id>.fits refcat shards in this folder")
     lo, hi = 8 * 4 ** depth, 16 * 4 ** depth
@@ -374,8 +400,8 @@ def read_lsst_refcat(folder: str | os.PathLike, ra: float, dec: float, radius_de
     parts: list[dict[str, np.ndarray]] = []
     units: dict[str, str] = {}
     for tid in present:
-        path = files[tid]
-        with reading(path, "refcat shard"), fits.open(path, memmap=False) as hdul:
+        path = files[tid] if isinstance(files[tid], Path) else folder / f"{tid}.fits"
+        with reading(path, "refcat shard"), _open_shard(files[tid]) as hdul:
             hdu = hdul[1]
             data = hdu.data
             cols = data.columns.names

@@ -224,22 +224,28 @@ def _to_numpy(col: pa.ChunkedArray, dtype, name: str = "?") -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
-def read_source_table(path: str | os.PathLike, flux_type: str = "apFlux_12_0",
+def read_source_table(path: str | os.PathLike | pa.Table, flux_type: str = "apFlux_12_0",
                       selection: LsstSourceSelection | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read the columns needed for `selection` from one parquet table, canonically named.
+
+    `path` may also be an in-memory ``pyarrow.Table`` (e.g. from a data butler); it then needs
+    ``visit`` and ``detector`` columns.
 
     Returns ``(columns, skipped_flags)``: a dict canonical name -> numpy array (flag columns
     under their canonical flag name) and the requested bad flags absent from the file.
     ``visit`` may be absent from a per-detector table only if the file name says
     ``<visit>_<detector>.parquet``; ``detector`` likewise.
     """
-    path = Path(path)
     sel = selection or NO_SELECTION
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise InputError(f"{path}: cannot read as parquet: {exc}") from exc
-    names = list(schema.names)
+    in_memory = path if isinstance(path, pa.Table) else None
+    if in_memory is not None:
+        names, path = list(in_memory.schema.names), Path("<in-memory table>")
+    else:
+        path = Path(path)
+        try:
+            names = list(pq.read_schema(path).names)
+        except Exception as exc:  # pyarrow raises several types for unreadable files
+            raise InputError(f"{path}: cannot read as parquet: {exc}") from exc
     src = str(path)
 
     flux = f"{flux_type}_instFlux"
@@ -275,7 +281,7 @@ def read_source_table(path: str | os.PathLike, flux_type: str = "apFlux_12_0",
 
     wanted = sorted(set(mapping.values()) | set(flag_cols.values()))
     with reading(path, "parquet source table"):
-        table = pq.read_table(path, columns=wanted)
+        table = in_memory.select(wanted) if in_memory is not None else pq.read_table(path, columns=wanted)
     n = table.num_rows
 
     out: dict[str, np.ndarray] = {}
@@ -355,7 +361,9 @@ def select_sources(cols: Mapping[str, np.ndarray], flux_type: str, selection: Ls
     return keep
 
 
-def _source_paths(paths_or_dir) -> list[Path]:
+def _source_paths(paths_or_dir) -> list[Path | pa.Table]:
+    if isinstance(paths_or_dir, pa.Table):
+        return [paths_or_dir]
     if isinstance(paths_or_dir, (str, os.PathLike)):
         p = Path(paths_or_dir)
         if p.is_dir():
@@ -366,11 +374,11 @@ def _source_paths(paths_or_dir) -> list[Path]:
         if not p.exists():
             raise InputError(f"{p}: source table not found")
         return [p]
-    files = [Path(p) for p in paths_or_dir]
+    files = [p if isinstance(p, pa.Table) else Path(p) for p in paths_or_dir]
     if not files:
         raise InputError("no source tables given")
     for p in files:
-        if not p.exists():
+        if isinstance(p, Path) and not p.exists():
             raise InputError(f"{p}: source table not found")
     return files
 
@@ -383,7 +391,8 @@ def read_lsst_sources(paths_or_dir, flux_type: str = "apFlux_12_0",
     Parameters
     ----------
     paths_or_dir
-        A parquet file, a folder of them, or an iterable of paths. Each file is a
+        A parquet file, a folder of them, or an iterable of paths or in-memory
+        ``pyarrow.Table`` objects (as a data butler returns them). Each table is a
         ``sourceTable_visit`` (many detectors; split on the ``detector``/``ccd`` column) or a
         per-detector ``sourceTable``.
     flux_type
@@ -404,6 +413,7 @@ def read_lsst_sources(paths_or_dir, flux_type: str = "apFlux_12_0",
     pieces: list[dict[str, np.ndarray]] = []
     for path in _source_paths(paths_or_dir):
         cols, skipped = read_source_table(path, flux_type, sel)
+        path = path if isinstance(path, Path) else Path("<in-memory table>")
         for flag in skipped:
             log.info("%s: bad-flag column %r absent; that cut is skipped", path.name, flag)
         counts.skipped_flags |= set(skipped)

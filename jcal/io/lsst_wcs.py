@@ -247,59 +247,70 @@ def _col(data, names: tuple[str, ...], src: str):
     raise InputError(f"{src}: required column {names[0]!r} is missing")
 
 
-def read_visit_summary(path: str | os.PathLike) -> list[CcdSummary]:
-    """Every detector row of a visitSummary FITS file (afw ExposureCatalog)."""
+def read_visit_summary(path: str | os.PathLike | fits.HDUList, name: str | None = None) -> list[CcdSummary]:
+    """Every detector row of a visitSummary FITS file (afw ExposureCatalog).
+
+    `path` may also be the file already opened as an ``astropy.io.fits.HDUList`` (e.g. from a
+    data butler); `name` then labels it in messages.
+    """
+    if isinstance(path, fits.HDUList):
+        src = name or "<in-memory visitSummary>"
+        with reading(src, "visitSummary"):
+            return _visit_summary_rows(path, src, Path(src))
     path = Path(path)
-    src = str(path)
     if not path.exists():
         raise InputError(f"{path}: visitSummary not found")
-    out: list[CcdSummary] = []
     with reading(path, "visitSummary"), fits.open(path) as hdul:
-        if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
-            raise InputError(f"{src}: HDU 1 is not the visitSummary row table")
-        main = hdul[1].data
-        arch = _AfwArchive(hdul, src)
-        names = main.columns.names
-        det = _col(main, ("id",), src)
-        visit = _col(main, ("visit",), src)
-        band = _col(main, ("band",), src)
-        phys = main["physical_filter"] if "physical_filter" in names else band
-        bb = [_col(main, (f"bbox_{k}",), src) for k in ("min_x", "min_y", "max_x", "max_y")]
-        for i in range(len(main)):
-            wcs_id = int(main["wcs"][i]) if "wcs" in names else 0
-            pc_id = int(main["photoCalib"][i]) if "photoCalib" in names else 0
-            vi_id = int(main["visitInfo"][i]) if "visitInfo" in names else 0
-            ast_text = None
-            if wcs_id:
-                data, rows = arch.rows(wcs_id, "SkyWcs")
-                ast_text = _ast_text_from_bytes(data["wcs"][rows.start], src)
-            photo = None
-            if pc_id:
-                data, rows = arch.rows(pc_id, "PhotoCalib")
-                r = data[rows.start]
-                flags = np.atleast_1d(np.asarray(r["flags"], dtype=bool))
-                photo = PhotoCalibGuess(mean=float(r["calibrationMean"]), err=float(r["calibrationErr"]),
-                                        is_constant=bool(flags[0]) if flags.size else True)
-                if not photo.is_constant:
-                    log.info("%s detector %d: PhotoCalib varies over the detector; using its mean %.6g",
-                             path.name, int(det[i]), photo.mean)
-            vinfo = None
-            if vi_id:
-                data, rows = arch.rows(vi_id, "VisitInfo")
-                r = data[rows.start]
-                mjd = MJD_UNIX_EPOCH + int(r["tai"]) / 86400e9
-                vinfo = VisitInfo(
-                    visit=int(visit[i]), exposure_id=int(r["exposureid"]), mjd=mjd,
-                    exptime=float(r["exposuretime"]), airmass=float(r["boresightairmass"]),
-                    boresight_ra=float(np.degrees(r["boresightradec_ra"]) % 360.0),
-                    boresight_dec=float(np.degrees(r["boresightradec_dec"])),
-                )
-            out.append(CcdSummary(
-                visit=int(visit[i]), detector=int(det[i]), band=str(band[i]).strip(),
-                physical_filter=str(phys[i]).strip(),
-                bbox=tuple(int(b[i]) for b in bb), skywcs_ast=ast_text, photo_calib=photo,
-                visit_info=vinfo, source=src,
-            ))
+        return _visit_summary_rows(hdul, str(path), path)
+
+
+def _visit_summary_rows(hdul: fits.HDUList, src: str, path: Path) -> list[CcdSummary]:
+    out: list[CcdSummary] = []
+    if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+        raise InputError(f"{src}: HDU 1 is not the visitSummary row table")
+    main = hdul[1].data
+    arch = _AfwArchive(hdul, src)
+    names = main.columns.names
+    det = _col(main, ("id",), src)
+    visit = _col(main, ("visit",), src)
+    band = _col(main, ("band",), src)
+    phys = main["physical_filter"] if "physical_filter" in names else band
+    bb = [_col(main, (f"bbox_{k}",), src) for k in ("min_x", "min_y", "max_x", "max_y")]
+    for i in range(len(main)):
+        wcs_id = int(main["wcs"][i]) if "wcs" in names else 0
+        pc_id = int(main["photoCalib"][i]) if "photoCalib" in names else 0
+        vi_id = int(main["visitInfo"][i]) if "visitInfo" in names else 0
+        ast_text = None
+        if wcs_id:
+            data, rows = arch.rows(wcs_id, "SkyWcs")
+            ast_text = _ast_text_from_bytes(data["wcs"][rows.start], src)
+        photo = None
+        if pc_id:
+            data, rows = arch.rows(pc_id, "PhotoCalib")
+            r = data[rows.start]
+            flags = np.atleast_1d(np.asarray(r["flags"], dtype=bool))
+            photo = PhotoCalibGuess(mean=float(r["calibrationMean"]), err=float(r["calibrationErr"]),
+                                    is_constant=bool(flags[0]) if flags.size else True)
+            if not photo.is_constant:
+                log.info("%s detector %d: PhotoCalib varies over the detector; using its mean %.6g",
+                         path.name, int(det[i]), photo.mean)
+        vinfo = None
+        if vi_id:
+            data, rows = arch.rows(vi_id, "VisitInfo")
+            r = data[rows.start]
+            mjd = MJD_UNIX_EPOCH + int(r["tai"]) / 86400e9
+            vinfo = VisitInfo(
+                visit=int(visit[i]), exposure_id=int(r["exposureid"]), mjd=mjd,
+                exptime=float(r["exposuretime"]), airmass=float(r["boresightairmass"]),
+                boresight_ra=float(np.degrees(r["boresightradec_ra"]) % 360.0),
+                boresight_dec=float(np.degrees(r["boresightradec_dec"])),
+            )
+        out.append(CcdSummary(
+            visit=int(visit[i]), detector=int(det[i]), band=str(band[i]).strip(),
+            physical_filter=str(phys[i]).strip(),
+            bbox=tuple(int(b[i]) for b in bb), skywcs_ast=ast_text, photo_calib=photo,
+            visit_info=vinfo, source=src,
+        ))
     return out
 
 

@@ -33,7 +33,8 @@ getFullMetadata()              getFullMetadata(): TaskMetadata keyed "jointcal:a
 getFullName() / getName()      same
 getResourceConfig()            same (None)
 getTaskDict()                  same ({full name: weakref to task})
-loadData(...) (gen2)           readInputs(input_dir, lsst=False): jcal.read_input / read_lsst
+loadData(dataRefs, ...) (gen2) loadData(dataRefs): Gen2-style references (.dataId, .get); also
+                               readInputs(input_dir, lsst=False): jcal.read_input / read_lsst
 makeField(doc)                 makeField(doc) classmethod -> ConfigurableField
 makeSubtask(name, **kw)        same
 parseAndRun(args, config, log, same; args are `jcal fit`'s (input --out DIR --set k=v
@@ -42,8 +43,11 @@ parseAndRun(args, config, log, same; args are `jcal fit`'s (input --out DIR --se
                                result)], exitStatus)
 run(inputSourceTableVisit,     run(data: jcal.InputData) -> Struct(wcsHeaders, photoCalibs,
   inputVisitSummary, camera)     stars, metrics, fitResult, oldWcsList)
-runDataRef(dataRefs) (gen2)    runDirectory(input_dir, output_dir, clobber=False,
-runQuantum(butlerQC, ...)        doBackup=True, lsst=False): directories replace the butler
+runDataRef(dataRefs) (gen2)    runDataRef(dataRefs) (legacy path; Struct as run's + dataRefs);
+                               runDirectory(input_dir, output_dir, clobber=False, doBackup=True,
+                                 lsst=False): a directory in place of a butler
+runQuantum(butlerQC, ...)      jcal.rubin.JcalPipelineTask.runQuantum (a real PipelineTask;
+                                 pip install -e ".[rubin]"; docs/rubin.md)
 timer(name, logLevel)          same (context manager; metadata items nameStart*/nameEnd*)
 @timeMethod                    jcal.task.timeMethod
 writeConfig(butler, clobber,   writeConfig(output_dir, clobber=False, doBackup=True)

@@ -427,15 +427,37 @@ class JointcalTask(Task):
                       fitResult=result, oldWcsList={k: cv.wcs for k, cv in data.ccd_visits.items()
                                                    if hasattr(cv, "wcs")})
 
-    def readInputs(self, input_dir, *, lsst: bool = False) -> InputData:
-        """jcal's input directory (`jcal.read_input`) or LSST outputs (`jcal.io.lsst.read_lsst`)."""
+    def readInputs(self, input_dir, *, lsst: bool = False, flux_type: str = "apFlux_12_0") -> InputData:
+        """jcal's input directory (`jcal.read_input`) or LSST outputs (`jcal.io.lsst.read_lsst`: a
+        folder, or an `LsstPaths` of files or in-memory objects; `flux_type` is jointcal's sourceFluxType)."""
         with self.timer("readInputs"):
             if lsst:
                 from ..io.lsst import read_lsst
                 return read_lsst(input_dir, reference_error_mas=self.config.astrometryReferenceErr,
-                                 selection=self.sourceSelector.lsst_selection()).data
+                                 flux_type=flux_type, selection=self.sourceSelector.lsst_selection()).data
             from ..io import read_input
             return read_input(input_dir)
+
+    def loadData(self, dataRefs, associations=None, jointcalControl=None) -> InputData:
+        """Legacy (Gen2) input: the data of `dataRefs`, objects with ``.dataId`` and ``.get(datasetType)``
+        (`jcal.io.lsst_objects.lsst_paths_from_datarefs` says which dataset types). jcal builds its
+        own associations, so `associations`/`jointcalControl` (jointcal's C++ objects) must be None."""
+        if associations is not None or jointcalControl is not None:
+            raise TaskError("loadData: jcal builds its own associations; pass dataRefs only")
+        from ..io.lsst_objects import lsst_paths_from_datarefs
+        return self.readInputs(lsst_paths_from_datarefs(dataRefs), lsst=True)
+
+    @timeMethod
+    def runDataRef(self, dataRefs) -> Struct:
+        """Legacy (Gen2) entry, as jointcal's: fit the exposures of `dataRefs` (see `loadData`).
+
+        Returns `run`'s Struct plus ``dataRefs``; ``wcsHeaders``/``photoCalibs`` hold the updated
+        calibrations, ``oldWcsList`` the first guesses, ``metrics`` the metrics. The Rubin
+        middleware's entry is ``jcal.rubin.JcalPipelineTask.runQuantum``.
+        """
+        struct = self.run(self.loadData(dataRefs))
+        struct.dataRefs = list(dataRefs)
+        return struct
 
     @timeMethod
     def runDirectory(self, input_dir, output_dir, *, clobber: bool = False, doBackup: bool = True,
