@@ -27,19 +27,12 @@ if "--warm-cache" not in sys.argv:  # cold: compilation included, as on a first 
 
 import jcal  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import mapping_errors, photometric_error_mmag  # noqa: E402
+
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def photometric_error_mmag(sim, result) -> float:
-    """RMS of fitted vs true calibration (mmag) at the measurements' true pixels, common offset removed."""
-    a, tm, src = result.association, sim.truth.measurements, sim.data.sources
-    rows = a.source_index
-    args = (src.visit[rows], src.detector[rows], tm.x[rows], tm.y[rows])
-    d = 2.5 * np.log10(result.photometry.calibration(*args) / sim.truth.calibration(*args))
-    d = d[result.photometry.informative()]
-    return float(np.sqrt(np.mean((d - np.median(d)) ** 2)) * 1000)
 
 
 def run(preset: str, visit_order: int, second: bool, photometry: bool) -> dict:
@@ -66,22 +59,20 @@ def run(preset: str, visit_order: int, second: bool, photometry: bool) -> dict:
             jcal.fit(data, config)
             t["second_fit_no_read_write"] = time.perf_counter() - t0
         a = result.association
-        tr = sim.truth.measurements
-        rows = a.source_index
-        ra, dec = result.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
-        tra, tdec = sim.truth.pixel_to_sky(tr.visit[rows], tr.detector[rows], tr.x[rows], tr.y[rows])
-        err = np.sqrt(np.mean(((ra - tra) * np.cos(np.radians(tdec)) * 3.6e6) ** 2 + ((dec - tdec) * 3.6e6) ** 2) / 2)
+        mapping = mapping_errors(result.pixel_to_sky, sim.truth, a.source_index)
         m = result.metrics
         return {
             "preset": preset, "detections": len(sim.data.sources), "measurements": len(a.star),
             "stars": len(a.star_ra), "sizes": m["astrometry_sizes"], "seconds": {k: round(v, 2) for k, v in t.items()},
             "stage_seconds": {k: round(v, 2) for k, v in m["astrometry_stage_seconds"].items()},
             "peak_rss_gb": round(peak_rss_gb(), 2), "chi2_per_ndof": round(m["astrometry_chi2_per_ndof"], 4),
-            "mapping_error_vs_truth_mas": round(float(err), 4),
+            "mapping_error_vs_truth_mas": round(mapping["rms_mas"], 4),
             "first_guess_error_mas": round(float(np.mean(sim.truth.ccd_visits.wcs_error_rms_arcsec)) * 1e3, 1),
             "iterations": m["astrometry_iterations"], "outliers": m["astrometry_outliers"],
             **({"photometry_chi2_per_ndof": round(m["photometry_final_chi2"] / m["photometry_final_ndof"], 4),
-                "photometric_error_vs_truth_mmag": round(photometric_error_mmag(sim, result), 2),
+                "photometric_error_vs_truth_mmag": round(photometric_error_mmag(
+                    result.photometry.calibration, sim.truth,
+                    a.source_index[result.photometry.informative()])["rms_mmag"], 2),
                 "photometry_repeatability_mmag": m.get("photometry_repeatability_mmag")} if photometry else {}),
         }
     finally:
