@@ -48,6 +48,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from jcal.align import Alignment, align
 from jcal.arrays import unique_rows
 from jcal.config import FitConfig
 from jcal.data import InputData, InputError
@@ -93,6 +94,7 @@ class Association:
     star_ref_ra_err: np.ndarray  # (n,) mas on the sky (config.reference_error_mas if set; NaN if none)
     star_ref_dec_err: np.ndarray  # (n,) mas
     counts: dict[str, int] = field(default_factory=dict)  # counts at each step, for logs/reports
+    alignment: Alignment | None = None  # corrections applied to the first-guess positions (jcal.align)
 
     @property
     def n_stars(self) -> int:
@@ -414,6 +416,13 @@ def associate(data: InputData, config: FitConfig) -> Association:
                     "detector-visit(s): %s", int((~finite).sum()), _name_list(bad_keys))
         rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
     counts["sources_projected"] = int(rows.size)
+    alignment = None
+    if config.align_radius_arcsec > 0:  # first guesses off by more than the match radius: align them first
+        keys = np.stack([visit, detector], axis=1)
+        first, ccd_of = unique_rows(keys)
+        alignment = align(visit, ccd_of, keys[first], ra, dec, data.visits.visit, data.visits.epoch, ref.ra, ref.dec,
+                          ref.epoch, ref.pmra, ref.pmdec, config.align_radius_arcsec)
+        ra, dec = alignment.apply(visit, ccd_of, ra, dec)
     xyz = unit_vectors(ra, dec)  # (s, 3)
 
     # 3. Grouping.
@@ -431,10 +440,39 @@ def associate(data: InputData, config: FitConfig) -> Association:
             f"within match_radius_arcsec = {config.match_radius_arcsec:g} (check that the visits overlap "
             "on the sky and that their first-guess WCSs are right)"
         )
-    keep_group = size >= config.min_measurements
+    # Per-group mean position and epoch (every group: a single detection may match a reference star).
+    vis_order = np.argsort(data.visits.visit)
+    epoch_all = data.visits.epoch[vis_order[np.searchsorted(data.visits.visit, visit, sorter=vis_order)]]
+    group_xyz = np.zeros((n_groups, 3))
+    np.add.at(group_xyz, labels, xyz)
+    group_xyz /= np.linalg.norm(group_xyz, axis=1, keepdims=True)
+    group_epoch = np.bincount(labels, weights=epoch_all, minlength=n_groups) / size
+
+    # 4. Reference matching.
+    ref_xyz = unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
+    sel_keys = np.stack([visit, detector], axis=1)
+    sel_keys = sel_keys[unique_rows(sel_keys)[0]]
+    collected, near = _collect_references(data, sel_keys, ref_xyz)
+    counts["reference_stars_total"] = len(ref)
+    counts["reference_stars_collected"] = int(collected.sum())
+    near_rows = np.flatnonzero(near)
+    group_ref = np.full(n_groups, -1, dtype=np.int64)
+    group_ref_at = np.full((n_groups, 3), np.nan)
+    if near_rows.size:
+        sub_ref, group_ref_at = _match_references(
+            group_xyz, group_epoch, ref_xyz[near_rows], ref.epoch[near_rows], ref.pmra[near_rows],
+            ref.pmdec[near_rows], config.ref_match_radius_arcsec * _ARCSEC)
+        group_ref = np.where(sub_ref >= 0, near_rows[np.maximum(sub_ref, 0)], -1)
+
+    # A star needs min_measurements points: its detections, plus its reference star if the rule says so.
+    points = size + (group_ref >= 0) if config.reference_counts else size
+    keep_group = points >= config.min_measurements
     counts["stars_kept"] = int(keep_group.sum())
-    log.info("grouping: %d stars with >= %d measurements kept (%d dropped)",
-             keep_group.sum(), config.min_measurements, n_groups - keep_group.sum())
+    counts["stars_kept_single_with_reference"] = int(np.sum(keep_group & (size < 2)))
+    log.info("grouping: %d stars with >= %d %s kept (%d dropped; %d of the kept seen once, with a reference star)",
+             keep_group.sum(), config.min_measurements,
+             "points (detections + reference)" if config.reference_counts else "detections",
+             n_groups - keep_group.sum(), counts["stars_kept_single_with_reference"])
     if not keep_group.any():
         raise InputError(
             f"no star has at least min_measurements = {config.min_measurements} detections "
@@ -448,35 +486,11 @@ def associate(data: InputData, config: FitConfig) -> Association:
     sel_idx = np.flatnonzero(m_keep)[order]  # (m,) into the selected/canonical arrays
     star = star[order]
     m_rows, m_visit, m_detector = rows[sel_idx], visit[sel_idx], detector[sel_idx]
-    m_ra, m_dec, m_xyz = ra[sel_idx], dec[sel_idx], xyz[sel_idx]
+    m_ra, m_dec = ra[sel_idx], dec[sel_idx]
     n_stars = int(keep_group.sum())
-
-    # Per-star mean position and epoch.
-    vis_order = np.argsort(data.visits.visit)
-    vis_pos = vis_order[np.searchsorted(data.visits.visit, m_visit, sorter=vis_order)]
-    m_epoch = data.visits.epoch[vis_pos]  # (m,)
-    nmeas = np.bincount(star, minlength=n_stars)
-    star_xyz = np.zeros((n_stars, 3))
-    np.add.at(star_xyz, star, m_xyz)
-    star_xyz /= np.linalg.norm(star_xyz, axis=1, keepdims=True)
+    star_xyz, star_epoch = group_xyz[keep_group], group_epoch[keep_group]
     star_ra, star_dec = to_radec(star_xyz)
-    star_epoch = np.bincount(star, weights=m_epoch, minlength=n_stars) / nmeas
-
-    # 4. Reference matching.
-    ref_xyz = unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
-    sel_keys = np.stack([visit, detector], axis=1)
-    sel_keys = sel_keys[unique_rows(sel_keys)[0]]
-    collected, near = _collect_references(data, sel_keys, ref_xyz)
-    counts["reference_stars_total"] = len(ref)
-    counts["reference_stars_collected"] = int(collected.sum())
-    near_rows = np.flatnonzero(near)
-    star_ref = np.full(n_stars, -1, dtype=np.int64)
-    ref_at_star = np.full((n_stars, 3), np.nan)
-    if near_rows.size:
-        sub_ref, ref_at_star = _match_references(
-            star_xyz, star_epoch, ref_xyz[near_rows], ref.epoch[near_rows], ref.pmra[near_rows],
-            ref.pmdec[near_rows], config.ref_match_radius_arcsec * _ARCSEC)
-        star_ref = np.where(sub_ref >= 0, near_rows[np.maximum(sub_ref, 0)], -1)
+    star_ref, ref_at_star = group_ref[keep_group], group_ref_at[keep_group]
     matched = star_ref >= 0
     counts["reference_stars_matched"] = int(matched.sum())
     log.info("reference: %d of %d reference stars in the footprint; %d stars matched within %g arcsec",
@@ -548,4 +562,5 @@ def associate(data: InputData, config: FitConfig) -> Association:
         star_ref_ra_err=star_ref_ra_err,
         star_ref_dec_err=star_ref_dec_err,
         counts=counts,
+        alignment=alignment,
     )

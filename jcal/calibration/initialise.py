@@ -43,6 +43,8 @@ def _samples(data: InputData, assoc: Association, ra0, dec0):
         cv = data.ccd_visits[(int(v), int(d))]
         x, y = _sample_grid(cv.nx, cv.ny)
         ra, dec = cv.wcs.all_pix2world(x, y, 0)
+        if assoc.alignment is not None:  # the first guess as association corrected it
+            ra, dec = assoc.alignment.apply_one(int(v), int(d), ra, dec)
         xi, eta = sky_to_tangent(ra, dec, ra0[vi], dec0[vi], xp=np)
         out.append((k, vi, int(np.searchsorted(assoc.detectors, d)), x, y, xi, eta))
     return out
