@@ -31,8 +31,8 @@ log = logging.getLogger("jcal.align")
 
 BIN_ARCSEC = 0.5  # vote histogram bin
 WINDOWS_ARCSEC = (1.5, 0.8, 0.4)  # successive windows of the visit's affine fit around the current solution
-CCD_WINDOW_ARCSEC = (1.0, 0.4)  # windows of a detector-visit's median shift
-MIN_PAIRS = 8  # pairs needed for a detector-visit's own shift
+CCD_WINDOW_ARCSEC = (2.0, 0.8, 0.4)  # windows of a detector-visit's median shift
+MIN_PAIRS = 5  # pairs needed for a detector-visit's own shift
 MIN_AFFINE_PAIRS = 20  # below this a visit gets a shift only
 NEIGHBOURS = 6  # reference stars examined per detection
 
