@@ -97,7 +97,8 @@ import jcal_models as jm
 from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedFlux, ConstrainedMagnitude,
                                     PhotometricStars, PhotometricTransform, SimpleFlux, SimpleMagnitude,
                                     WithColourTerms, base_form, colour_terms, constrained_flux,
-                                    constrained_magnitude, freeze_colour_slope, simple_flux, simple_magnitude)
+                                    constrained_magnitude, detector_field, freeze_colour_slope, simple_flux,
+                                    simple_magnitude)
 
 from ..associate import Association
 from ..sky import unit_vectors
@@ -187,7 +188,8 @@ def _structure(model: PhotometricTransform) -> dict:
                 "order": model.visit.inner.order, "n_visits": model.visit.n_groups,
                 "n_band_detectors": model.detector.n_groups, "n_detectors": model.focal.n_groups,
                 "focal_order": focal.order, "focal_family": focal.family,
-                "reference_detectors": list(model.reference_detectors)}
+                "reference_detectors": list(model.reference_detectors),
+                "detector_order": 0 if model.detector_field is None else model.detector_field.inner.order}
     raise TypeError(f"cannot describe a {type(model).__name__} for saving")
 
 
@@ -207,8 +209,10 @@ def _skeleton(s: dict) -> PhotometricTransform:
                                          center=jnp.asarray(z((d, 2))), half_width=jnp.asarray(z((d, 2))),
                                          order=s["focal_order"], family=s["focal_family"]), by="detector")
         make = constrained_flux if s["form"] == "constrained_flux" else constrained_magnitude
+        fields = detector_field(s["n_band_detectors"], z((s["n_band_detectors"], 2)), z((s["n_band_detectors"], 2)),
+                                s.get("detector_order", 0))
         return make(focal, z(s["n_band_detectors"]), z((v, jm.n_terms(s["order"]))), z((v, 2)), z((v, 2)),
-                    s["order"], s["reference_detectors"])
+                    s["order"], s["reference_detectors"], fields)
     raise ValueError(f"unknown photometric model form {s['form']!r} in saved structure")
 
 
@@ -815,6 +819,15 @@ def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
     return center, half
 
 
+def _detector_fields(data: InputData, assoc: Association, bd_detector: np.ndarray, order: int):
+    """Zero detector fields of `order` over each band-detector's pixels (None for order 0)."""
+    size = {}
+    for (v, d), cv in data.ccd_visits.items():
+        size.setdefault(int(d), (cv.nx, cv.ny))
+    nxy = np.array([size[int(d)] for d in assoc.detectors[bd_detector]], float).reshape(-1, 2)
+    return detector_field(len(bd_detector), (nxy - 1) / 2, nxy / 2, order)
+
+
 def _median_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
     """Median of `values` per group in [0, n); NaN for empty groups."""
     out = np.full(n, np.nan)
@@ -859,8 +872,9 @@ def _reference_detectors(bd_band: np.ndarray, k_group: np.ndarray, bd_index: np.
 
 def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarray, assoc: Association,
                               bd_index, bd_band, bd_detector, visit_band, n_bands, focal=None, focal_center=None,
-                              focal_half=None, order: int = 7) -> PhotometricTransform:
-    """Starting model from per detector-visit and per visit first-guess calibrations."""
+                              focal_half=None, order: int = 7, detector_fields=None) -> PhotometricTransform:
+    """Starting model from per detector-visit and per visit first-guess calibrations (`detector_fields`:
+    zero `jcal_models.detector_field`s, or None, for constrained forms)."""
     if form == "simple_flux":
         return simple_flux(calib_k)
     if form == "simple_magnitude":
@@ -882,9 +896,10 @@ def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarra
     center, half = np.tile(focal_center, (len(assoc.visits), 1)), np.tile(focal_half, (len(assoc.visits), 1))
     if form == "constrained_flux":
         coeffs[:, 0] = np.exp(log_visit)
-        return constrained_flux(focal, np.exp(factor), coeffs, center, half, order, refs)
+        return constrained_flux(focal, np.exp(factor), coeffs, center, half, order, refs, detector_fields)
     coeffs[:, 0] = AB_ZERO_POINT_NJY - 2.5 * log_visit / np.log(10.0)
-    return constrained_magnitude(focal, -2.5 * factor / np.log(10.0), coeffs, center, half, order, refs)
+    return constrained_magnitude(focal, -2.5 * factor / np.log(10.0), coeffs, center, half, order, refs,
+                                 detector_fields)
 
 
 def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: np.ndarray) -> np.ndarray:
@@ -987,8 +1002,10 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         if form.startswith("constrained"):
             focal = focal_plane_map(data, assoc, config, astrometry)
             center, half = _focal_domain(data, assoc, focal)
+        fields = (_detector_fields(data, assoc, bd_detector, config.photometry_detector_order)
+                  if form.startswith("constrained") else None)
         model = initial_photometric_model(form, calib_k, calib_v, assoc, bd_index, bd_band, bd_detector, visit_band,
-                                          n_bands, focal, center, half, config.photometry_visit_order)
+                                          n_bands, focal, center, half, config.photometry_visit_order, fields)
     if terms is not None and not isinstance(model, WithColourTerms):
         model = WithColourTerms(model, terms)
     if isinstance(model, WithColourTerms) and mapping_filter is None and not any(model.colour.fitted):
