@@ -11,7 +11,7 @@ from .associate import associate
 from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import fit_astrometry
-from .result import FitResult
+from .result import FitResult, ccd_visits_not_fitted
 
 log = logging.getLogger("jcal")
 
@@ -31,6 +31,12 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
     assoc = associate(data, config)
     timings["associate"] = time.perf_counter() - t0
     result = FitResult(data, config, assoc, timings=timings)
+    missing = ccd_visits_not_fitted(data, assoc, config)
+    if missing:  # never a silent hole: each is named in metrics.json too
+        log.warning("%d detector-visit(s) get no calibration: %s", len(missing),
+                    "; ".join(f"(visit={m['visit']}, detector={m['detector']}): {m['reason']}" for m in missing[:20])
+                    + (f"; and {len(missing) - 20} more (metrics.json: ccd_visits_not_fitted)" if len(missing) > 20
+                       else ""))
     if config.astrometry:
         t0 = time.perf_counter()
         result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "demo":
         sim = jcal.simulate(args.preset, seed=0)
-        config = jcal.FitConfig(visit_order=3)
+        config = jcal.FitConfig()  # the same defaults as `jcal fit` and jcal.fit
         with tempfile.TemporaryDirectory() as tmp:  # exercise the real reader on the demo too
             jcal.write_simulation(sim, Path(tmp) / "input")
             data = jcal.read_input(Path(tmp) / "input")

@@ -110,6 +110,10 @@ class FitConfig:
     colour_terms: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_colour_terms: bool = False  # fit c1 of every band in colour_terms (its value there: the start)
 
+    # Validation: this fraction of the stars without a reference star and with >= 3 detections is held
+    # out of the astrometric fit; their residuals (stars refitted on the final mapping) are reported.
+    holdout_fraction: float = 0.1
+
     # Solver.
     outlier_sigma: float = 5.0  # reject at this many sigma (equivalent Gaussian tail)
     max_iterations: int = 20  # Gauss-Newton steps per stage
@@ -149,6 +153,7 @@ class FitConfig:
               "an integer >= 0")
         check("astrometry", isinstance(self.astrometry, bool), "True or False")
         check("reference_counts", isinstance(self.reference_counts, bool), "True or False")
+        check("holdout_fraction", 0.0 <= float(self.holdout_fraction) < 0.5, "a number in [0, 0.5)")
         check("photometry", isinstance(self.photometry, bool), "True or False")
         check("astrometry", self.astrometry or self.photometry, "at least one of astrometry/photometry must be on")
         object.__setattr__(self, "colour_terms", normalise_colour_terms(self.colour_terms))

@@ -17,6 +17,7 @@ error when both exist.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -99,6 +100,10 @@ class AstrometryFit:
     chi2: float
     ndof: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # validation: (m,) bool measurements held out of the fit, and their chi2 (stars refitted alone on
+    # the final mapping); None when nothing was held out
+    held_out: np.ndarray | None = None
+    held_out_chi2: np.ndarray | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -218,7 +223,10 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     mapping_mask = solver.mapping_mask(gauge(ones) if gauge else ones)
     star_mask = np.ones((solver.stars_real, 4 if proper_motion else 2))
 
-    state = solver.new_state(model, stars, np.ones(solver.n_real), np.maximum(has_ref, proper_motion).astype(float))
+    held_star = holdout_stars(assoc, has_ref, config.holdout_fraction)
+    held = held_star[assoc.star]
+    state = solver.new_state(model, stars, (~held).astype(float),
+                             np.maximum(has_ref, proper_motion) * ~held_star)  # held out: never in the fit
     stage_seconds: dict[str, float] = {}
 
     whitened_for = [None]  # the mapping the current whitening was computed with
@@ -284,11 +292,46 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False),
         lambda st: star_mask, n_sigma=config.outlier_sigma, min_measurements=config.min_measurements,
         max_rounds=config.max_outlier_rounds, label="astrometry")
+    held_chi2 = None
+    if held.any():
+        t0 = time.perf_counter()
+        state, held_chi2 = _fit_held_out(solver, state, held, held_star, proper_motion, star_mask, config)
+        stage_seconds["held_out"] = time.perf_counter() - t0
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start
     return AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask, index,
-                         float(c_m.sum() + c_s.sum()), ndof, stage_seconds)
+                         float(c_m.sum() + c_s.sum()), ndof, stage_seconds, held if held.any() else None, held_chi2)
+
+
+HOLDOUT_MIN_MEASUREMENTS = 3  # a held-out star needs this many detections (its own fit leaves residuals)
+
+
+def holdout_stars(assoc: Association, has_ref: np.ndarray, fraction: float) -> np.ndarray:
+    """(S,) bool: a reproducible `fraction` of the stars without a reference star and with at least
+    HOLDOUT_MIN_MEASUREMENTS detections, held out of the fit to validate it."""
+    held = np.zeros(assoc.n_stars, bool)
+    eligible = np.flatnonzero(~has_ref & (np.bincount(assoc.star, minlength=assoc.n_stars)
+                                          >= HOLDOUT_MIN_MEASUREMENTS))
+    n = int(round(fraction * eligible.size))
+    if n:
+        held[np.random.default_rng(20140).choice(eligible, n, replace=False)] = True
+    return held
+
+
+def _fit_held_out(solver: Solver, state: FitState, held: np.ndarray, held_star: np.ndarray, proper_motion: bool,
+                  star_mask: np.ndarray, config: FitConfig) -> tuple[FitState, np.ndarray]:
+    """Fit the held-out stars alone on the final mapping; returns the state (held-out measurements
+    still out of chi2 and ndof) and the (m,) chi2 of every measurement as the held-out stars see it."""
+    trial = dataclasses.replace(state, weights=solver.pad_measurements(held.astype(float)),
+                                star_weights=solver.pad_stars(held_star * float(proper_motion)), unusable=None,
+                                history=list(state.history))
+    trial = solver.run_stage(trial, "held_out", fit_mapping=False, fit_stars=True,
+                             mapping_mask=np.zeros(solver.layout.size), star_mask=star_mask,
+                             max_iterations=config.max_iterations, tolerance=config.tolerance,
+                             line_search=config.line_search)
+    chi2 = solver.chi2(trial)[0]
+    return dataclasses.replace(state, stars=trial.stars), np.where(held, chi2, np.nan)
 
 
 def _references_constrain_every_group(solver: Solver, index, weights) -> bool:

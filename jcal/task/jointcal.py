@@ -27,6 +27,7 @@ __all__ = ["JointcalConfig", "JointcalTask", "SourceSelectorConfig", "SourceSele
 _D = FitConfig()
 _PHOT_MODELS = {"constrainedMagnitude": "constrained_magnitude", "constrainedFlux": "constrained_flux",
                 "simpleMagnitude": "simple_magnitude", "simpleFlux": "simple_flux"}
+_PHOT_MODELS_BY_CORE = {v: k for k, v in _PHOT_MODELS.items()}
 
 
 # ------------------------------------------------------------------------------------------ subtasks
@@ -155,7 +156,7 @@ class JointcalConfig(Config):
                                      min=1, max=12)
     astrometryVisitOrder = RangeField("order of the per-visit map (constrained)", int, default=_D.visit_order,
                                       min=1, max=12)
-    photometryModel = ChoiceField("photometric model", str, default="constrainedMagnitude", allowed={
+    photometryModel = ChoiceField("photometric model", str, default=_PHOT_MODELS_BY_CORE[_D.photometry_model], allowed={
         "constrainedMagnitude": "per-detector + per-visit, in magnitudes",
         "constrainedFlux": "per-detector + per-visit, in flux",
         "simpleMagnitude": "one scale per detector-visit, in magnitudes",
@@ -202,8 +203,19 @@ class JointcalConfig(Config):
                           "stay fixed)", bool, default=_D.fit_colour_terms)
     fluxErrors = ChoiceField("[jcal] flux models: 'jointcal' ends at jointcal's fixed point (errors held per "
                              "solve), 'minimum' at the minimum of chi2 (unbiased absolute level)", str,
-                             default="jointcal", allowed={"jointcal": "jointcal's fixed point",
+                             default=_D.flux_errors, allowed={"jointcal": "jointcal's fixed point",
                                                           "minimum": "the minimum of chi2"})
+    referenceCounts = Field("[jcal] a matched reference star counts toward minMeasurements (gbdes); False: "
+                            "detections only (jointcal)", bool, default=_D.reference_counts)
+    alignRadius = RangeField("[jcal] align visits and detector-visits on the reference catalog from pair offsets "
+                             "within this radius (arcsec) before matching; 0: off", float,
+                             default=_D.align_radius_arcsec, min=0.0)
+    photometryDetectorOrder = RangeField("[jcal] order of each detector's own photometric field (constrained "
+                                         "models; 0: a constant, jointcal's)", int,
+                                         default=_D.photometry_detector_order, min=0, max=12)
+    holdoutFraction = RangeField("[jcal] fraction of non-reference stars held out of the astrometric fit to "
+                                 "validate it", float, default=_D.holdout_fraction, min=0.0, max=0.5,
+                                 inclusiveMax=False)
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -252,7 +264,9 @@ class JointcalConfig(Config):
                 outlier_sigma=self.outlierRejectSigma, max_iterations=self.maxSteps,
                 tolerance=self.convergenceTolerance, line_search=self.useLineSearch,
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
-                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors)
+                fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors,
+                reference_counts=self.referenceCounts, align_radius_arcsec=self.alignRadius,
+                photometry_detector_order=self.photometryDetectorOrder, holdout_fraction=self.holdoutFraction)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -286,7 +300,8 @@ FIELD_MAP = {
     "reference_band": "refObjLoader.anyFilterMapsToThis", "outlier_sigma": "outlierRejectSigma",
     "max_iterations": "maxSteps", "tolerance": "convergenceTolerance", "line_search": "useLineSearch",
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
-    "flux_errors": "fluxErrors",
+    "flux_errors": "fluxErrors", "reference_counts": "referenceCounts", "align_radius_arcsec": "alignRadius",
+    "photometry_detector_order": "photometryDetectorOrder", "holdout_fraction": "holdoutFraction",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
