@@ -185,6 +185,6 @@ def align(visit: np.ndarray, ccd: np.ndarray, ccd_keys: np.ndarray, ra: np.ndarr
              s["max_ccd_shift_arcsec"])
     weak = visits[support < MIN_AFFINE_PAIRS]
     if weak.size:
-        log.warning("alignment: visit(s) %s have fewer than %d pairs near their offset peak: first guess "
+        log.info("alignment: visit(s) %s have fewer than %d pairs near their offset peak: first guess "
                     "kept as it is for them", weak.tolist(), MIN_AFFINE_PAIRS)
     return out

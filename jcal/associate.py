@@ -475,8 +475,9 @@ def associate(data: InputData, config: FitConfig) -> Association:
              n_groups - keep_group.sum(), counts["stars_kept_single_with_reference"])
     if not keep_group.any():
         raise InputError(
-            f"no star has at least min_measurements = {config.min_measurements} detections "
-            f"(the best-observed star has {size.max()})"
+            f"no star has at least min_measurements = {config.min_measurements} "
+            f"{'points (detections + its reference star)' if config.reference_counts else 'detections'} "
+            f"(the best-observed star has {points.max()})"
         )
     # Renumber kept stars in canonical order and sort measurements by (star, visit).
     new_label = np.cumsum(keep_group) - 1
