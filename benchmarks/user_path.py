@@ -89,7 +89,10 @@ def one_run(preset: str, seed: int, args) -> dict:
         row["astrometry_stage_s"] = {k: round(v, 2) for k, v in m.get("astrometry_stage_seconds", {}).items()}
         row["astrometry_chi2_per_ndof"] = m.get("astrometry_chi2_per_ndof")
         row.update(accuracy(sim, tmp / "out"))
-        row["holdout"] = m.get("holdout")
+        held = m.get("holdout") or {}
+        row["holdout"] = {k: v for k, v in held.items() if not k.startswith("per_")}  # one line per run
+        if held.get("per_visit"):
+            row["holdout"]["worst_visit_rms_mas"] = max(p["rms_mas"] or 0.0 for p in held["per_visit"].values())
         row["ccd_visits_not_fitted_reported"] = len(m.get("ccd_visits_not_fitted", []))
         return row
 
