@@ -11,7 +11,10 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
 
 1. **Selection**: keep detections with ``instFlux / instFluxErr > config.min_snr``.
 2. **Projection**: every detection goes to the sky through the first-guess WCS of its
-   detector-visit (pixels are 0-based, so ``origin=0``).
+   detector-visit (pixels are 0-based, so ``origin=0``), then, unless
+   ``align_radius_arcsec`` is 0, is corrected by an alignment of each visit (shift, rotation,
+   scale) and detector-visit (shift) on the reference catalog (`jcal.align`): a first guess off
+   by several arcsec then matches as well as a good one.
 3. **Grouping** (one detection per visit per star, independent of input order):
    friends-of-friends on 3-D unit vectors, linking each detection to its nearest (up to 16)
    detections of *other* visits within ``match_radius_arcsec``. A group that still holds
@@ -24,7 +27,7 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
    Detections are processed in a canonical, content-based order (visit, detector, y, x,
    flux, source id), so shuffling the input catalog only relabels the result.
    Stars are numbered by their first detection in that order, so even the numbering is
-   reproducible. Stars with fewer than ``config.min_measurements`` detections are dropped.
+   reproducible.
 4. **Reference matching**: reference positions are carried to each star's mean epoch with
    their proper motion (when present), then each star takes its nearest reference star
    within ``ref_match_radius_arcsec``; if several stars claim the same reference star the
@@ -32,7 +35,10 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
    is usually a blend or a spurious detection). Proper motions are used for matching
    whenever pmra/pmdec are finite, whatever `config.proper_motion` says: it only decides
    whether the fit models them. The reference stars considered are those on or near the
-   detector-visits with selected detections.
+   detector-visits with selected detections. Every group is matched, then groups with fewer than
+   ``config.min_measurements`` points are dropped: detections, plus the reference star when
+   ``config.reference_counts`` (so a star seen once but matched is kept: at a survey's edge these
+   are all that constrain a detector; jointcal counts detections only).
 5. **Checks**: clear `InputError`s for input that cannot be fitted (nothing selected, a
    single visit, no overlap between visits, no reference match at all); warnings name the
    detector-visits whose detections associate with nothing.
