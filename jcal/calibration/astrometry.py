@@ -156,14 +156,20 @@ def _reference_data(data: InputData, assoc: Association, config: FitConfig, epoc
     err_dec = config.reference_error_mas if config.reference_error_mas is not None else ref.dec_err[r]
     n = len(has)
     has_pm = has & ref.has_proper_motion[r]
+    # the prior of stars without a catalog proper motion is centred on the matched reference stars'
+    # median motion: centred on 0, it biases every faint star the same way (the survey's mean motion),
+    # and with them each visit's mapping by (epoch - mean epoch) x that bias
+    centre = [float(np.median(ref.pmra[r][has_pm])), float(np.median(ref.pmdec[r][has_pm]))] if has_pm.any() \
+        else [0.0, 0.0]
     star_data = {
         "ra": np.where(has, ref.ra[r], assoc.star_ra),
         "dec": np.where(has, ref.dec[r], assoc.star_dec),
         "epoch": np.where(has, ref.epoch[r], epoch0),
         "position_err": np.stack([np.broadcast_to(err_ra, n), np.broadcast_to(err_dec, n)], 1) * MAS,
         "has_ref": has.astype(float),
-        "pm": np.stack([np.where(has_pm, ref.pmra[r], 0.0), np.where(has_pm, ref.pmdec[r], 0.0)], 1) * MAS,
-        # stars without a catalog proper motion get a broad prior around 0: a star seen at two
+        "pm": np.stack([np.where(has_pm, ref.pmra[r], centre[0]), np.where(has_pm, ref.pmdec[r], centre[1])],
+                       1) * MAS,
+        # stars without a catalog proper motion get a broad prior (around `centre`): a star seen at two
         # epochs then still constrains the mapping, with its motion's uncertainty accounted for
         "pm_err": np.stack([np.where(has_pm, ref.pmra_err[r], config.pm_prior_mas_yr),
                             np.where(has_pm, ref.pmdec_err[r], config.pm_prior_mas_yr)], 1) * MAS,
