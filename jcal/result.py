@@ -128,7 +128,7 @@ class FitResult:
             chi2 = np.where(held, fit.held_out_chi2 if fit.held_out_chi2 is not None else 0.0,
                             fit.chi2_per_measurement())
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
-                        chi2=chi2, outlier=(fit.weights == 0) & ~held, held_out=held)
+                        chi2=chi2, outlier=fit.rejected, held_out=held)
         if self.photometry is not None:
             cols.update(self.photometry.measurement_columns())
         return cols

@@ -107,8 +107,14 @@ class AstrometryFit:
 
     @property
     def weights(self) -> np.ndarray:
-        """(n,) 1 for measurements used, 0 for rejected outliers (association order)."""
+        """(n,) 1 for measurements used, 0 for rejected outliers and held-out ones (association order)."""
         return self.state.weights[: self.solver.n_real]
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """(n,) True for measurements rejected as outliers (held-out ones are not)."""
+        out = self.weights == 0
+        return out if self.held_out is None else out & ~self.held_out
 
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
