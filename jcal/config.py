@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ASTROMETRY_MODELS = ("constrained", "simple")
+ASTROMETRY_MODELS = ("radial", "constrained", "simple")
 PHOTOMETRY_MODELS = ("constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux")
 
 
@@ -79,9 +79,11 @@ class FitConfig:
     align_radius_arcsec: float = 6.0
 
     # Astrometric model.
-    astrometry_model: Literal["constrained", "simple"] = "constrained"
+    # radial: constrained + one radial optical distortion (r^3, r^5) shared by all visits, between the
+    # detector and visit maps, so each visit needs only a low order (jcal_models.extra.RadialAstrometry)
+    astrometry_model: Literal["radial", "constrained", "simple"] = "radial"
     chip_order: int = 1  # constrained: per-detector pixel -> focal plane
-    visit_order: int = 3  # constrained: per-visit focal plane -> tangent plane (jointcal: 5)
+    visit_order: int = 2  # radial/constrained: per-visit focal plane -> tangent plane (jointcal: 5)
     simple_order: int = 3  # simple: per detector-visit pixel -> tangent plane
     proper_motion: Literal["auto", "on", "off"] = "auto"  # auto: on when visits span > pm_min_baseline_years
     pm_min_baseline_years: float = 1.0

@@ -82,6 +82,8 @@ class FitResult:
         model = self.astrometry.model
         if isinstance(model, jm.ConstrainedAstrometry):
             return max(2, model.chip.inner.order * model.visit.inner.order)
+        if isinstance(model, jm.extra.RadialAstrometry):  # r^5 through the visit map: order 5 suffices here
+            return max(5, model.chip.inner.order * model.visit.inner.order)
         if isinstance(model, jm.SimpleAstrometry):
             return max(2, model.ccd_visit.inner.order)
         return None

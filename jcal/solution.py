@@ -23,6 +23,10 @@ from .solver.layout import bucket
 
 
 def _structure(model: jm.Transform) -> dict:
+    if isinstance(model, jm.extra.RadialAstrometry):
+        return {**_structure(jm.ConstrainedAstrometry(chip=model.chip, visit=model.visit, sky=model.sky,
+                                                      reference_detector=model.reference_detector)),
+                "form": "radial"}
     if isinstance(model, jm.ConstrainedAstrometry):
         return {"form": "constrained", "chip_order": model.chip.inner.order, "visit_order": model.visit.inner.order,
                 "n_detectors": model.chip.n_groups, "n_visits": model.visit.n_groups,
@@ -37,6 +41,8 @@ def _structure(model: jm.Transform) -> dict:
 def _skeleton(s: dict) -> jm.Transform:
     """A model of the described structure with zero-filled arrays, to deserialise into."""
     z = np.zeros
+    if s["form"] == "radial":
+        return jm.extra.radial_astrometry(_skeleton({**s, "form": "constrained"}))
     if s["form"] == "constrained":
         nc, nv = jm.n_terms(s["chip_order"]), jm.n_terms(s["visit_order"])
         d, v = s["n_detectors"], s["n_visits"]

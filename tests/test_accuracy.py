@@ -36,10 +36,11 @@ def edge():
 def test_cli_python_and_demo_share_one_set_of_defaults():
     assert JointcalConfig().toFitConfig() == FitConfig()
     jointcal = JointcalConfig().load(ROOT / "configs" / "jointcal_defaults.json").toFitConfig()
-    assert (jointcal.visit_order, jointcal.photometry_visit_order, jointcal.flux_errors) == (5, 7, "jointcal")
+    assert (jointcal.astrometry_model, jointcal.visit_order, jointcal.photometry_visit_order,
+            jointcal.flux_errors) == ("constrained", 5, 7, "jointcal")
     assert (jointcal.reference_counts, jointcal.align_radius_arcsec, jointcal.photometry_detector_order,
             jointcal.holdout_fraction) == (False, 0.0, 0, 0.0)
-    assert jointcal.replace(visit_order=3, photometry_visit_order=3, flux_errors="minimum", reference_counts=True,
+    assert jointcal.replace(astrometry_model="radial", visit_order=2, photometry_visit_order=3, flux_errors="minimum", reference_counts=True,
                             align_radius_arcsec=6.0, photometry_detector_order=1, holdout_fraction=0.1) == FitConfig()
 
 

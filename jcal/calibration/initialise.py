@@ -75,7 +75,10 @@ def initial_astrometric_model(data: InputData, assoc: Association, config: FitCo
         for (k, vi, di, x, y, xi, eta) in samples:
             coeffs[k] = _lstsq(Polynomial.design(x, y, chip_center[di], chip_half[di], order), xi, eta)
         return jm.simple_astrometry(coeffs, centers, halves, order, ra0, dec0)
-    return _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0)
+    model = _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0)
+    if config.astrometry_model == "radial":  # the shared distortion starts at 0; the fit finds it
+        return jm.extra.radial_astrometry(model)
+    return model
 
 
 def _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0):

@@ -149,6 +149,7 @@ class JointcalConfig(Config):
     doAstrometry = Field("fit astrometry", bool, default=_D.astrometry)
     doPhotometry = Field("fit photometry", bool, default=_D.photometry)
     astrometryModel = ChoiceField("astrometric model", str, default=_D.astrometry_model, allowed={
+        "radial": "[jcal] per-detector map, radial optical distortion shared by all visits, per-visit map",
         "constrained": "per-detector map then per-visit map", "simple": "one map per detector-visit"})
     astrometrySimpleOrder = RangeField("polynomial order of the simple model", int, default=_D.simple_order,
                                        min=1, max=12)
