@@ -68,25 +68,21 @@ class ChebyshevField(eqx.Module):
     half_width: Float[Array, "2"] = fixed_field()
     order: int = fixed_field(static=True)
 
-    def __call__(self, x, y):
+    def basis(self, x, y):
         u = (x - self.center[0]) / self.half_width[0]
         v = (y - self.center[1]) / self.half_width[1]
-        return basis_2d(u, v, self.order, "chebyshev") @ self.coeffs
-
-
-class DetectorField(eqx.Module):
-    """sum_k a_k T_i(u) T_j(v) over 1 <= i + j <= order: a field over one detector's pixels without
-    its constant (that is the detector's `Constant`); u = (x - cx) / hx, v = (y - cy) / hy."""
-
-    coeffs: Float[Array, "terms"]
-    center: Float[Array, "2"] = fixed_field()
-    half_width: Float[Array, "2"] = fixed_field()
-    order: int = fixed_field(static=True)
+        return basis_2d(u, v, self.order, "chebyshev")
 
     def __call__(self, x, y):
-        u = (x - self.center[0]) / self.half_width[0]
-        v = (y - self.center[1]) / self.half_width[1]
-        return basis_2d(u, v, self.order, "chebyshev")[1:] @ self.coeffs
+        return self.basis(x, y) @ self.coeffs
+
+
+class DetectorField(ChebyshevField):
+    """As `ChebyshevField` over 1 <= i + j <= order: a field over one detector's pixels without its
+    constant (that is the detector's `Constant`); `coeffs` has n_terms(order) - 1 entries."""
+
+    def __call__(self, x, y):
+        return self.basis(x, y)[1:] @ self.coeffs
 
 
 class PhotometricTransform(eqx.Module):

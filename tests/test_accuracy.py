@@ -49,8 +49,9 @@ def test_defaults_reach_every_detector_visit_accurately(edge):
     m = json.loads(json.dumps(result.metrics, default=float))  # what metrics.json holds
     assert len(result.association.ccd_visits) == len(sim.data.ccd_visits) and m["ccd_visits_not_fitted"] == []
     err = mapping_errors(result.pixel_to_sky, sim.truth)
-    # the noise floor of this small survey: a fit started from the exact first guess gives 0.44 / 1.1 mas
-    assert err["rms_mas"] < 0.5 and err["worst_visit_mas"] < 0.6 and err["worst_ccd_visit_mas"] < 1.3, err
+    # measured 0.33 / 0.42 / 0.88 mas (the constrained model of order 3, even from exact first guesses:
+    # 0.44 / 0.48 / 1.1; without alignment, reference counting and with jointcal's order 5: 7 arcsec)
+    assert err["rms_mas"] < 0.4 and err["worst_visit_mas"] < 0.5 and err["worst_ccd_visit_mas"] < 1.0, err
     phot = photometric_error_mmag(result.photometry.calibration, sim.truth, result.association.source_index)
     assert phot["rms_mmag"] < 2.5 and phot["worst_ccd_visit_mmag"] < 6.0, phot  # gradients: 10 mmag without
     held = m["holdout"]
