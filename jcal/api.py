@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 import jcal_models as jm
 
 from .associate import associate
 from .config import FitConfig
 from .data import InputData
-from .calibration.astrometry import fit_astrometry
+from .calibration.astrometry import REMATCH_GAIN, fit_astrometry, fitted_projector, missed_reference_matches
 from .result import FitResult, ccd_visits_not_fitted
 
 log = logging.getLogger("jcal")
@@ -41,6 +43,15 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
         t0 = time.perf_counter()
         result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,
                                            mapping_filter=mapping_filter, progress=progress)
+        for _ in range(config.rematch_rounds if astrometry_model is None else 0):  # bounded
+            gain = missed_reference_matches(data, result.astrometry, config)
+            if gain <= REMATCH_GAIN * max(int(np.sum(assoc.star_ref >= 0)), 1):
+                break
+            log.info("astrometry: the fitted stars match %d more reference stars: associating again through "
+                     "the fitted map and refitting", gain)
+            assoc = associate(data, config, project=fitted_projector(data, result))
+            result = FitResult(data, config, assoc, timings=timings)
+            result.astrometry = fit_astrometry(data, assoc, config, progress=progress)
         timings["astrometry"] = time.perf_counter() - t0
     if config.photometry:
         try:

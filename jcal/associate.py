@@ -380,8 +380,12 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
 # --------------------------------------------------------------------------- main entry
 
 
-def associate(data: InputData, config: FitConfig) -> Association:
+def associate(data: InputData, config: FitConfig, project=None) -> Association:
     """Select, group and reference-match the detections of `data`; see the module docstring.
+
+    project: optional callable (source rows, visit ids, detector ids) -> (ra, dec) deg giving the sky
+        positions to associate (e.g. through a fitted map, to re-associate after a fit) instead of
+        the first-guess WCSs and their alignment.
 
     Raises InputError when the input cannot support a fit (nothing selected, fewer than two
     visits, visits that do not overlap, or no star matching the reference catalog).
@@ -413,7 +417,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
         )
 
     # 2. Projection with the first-guess WCSs.
-    ra, dec = _project(data, rows)
+    ra, dec = _project(data, rows) if project is None else project(rows, visit, detector)
     finite = np.isfinite(ra) & np.isfinite(dec)
     if not finite.all():
         bad_keys = np.stack([visit[~finite], detector[~finite]], axis=1)
@@ -423,7 +427,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
         rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
     counts["sources_projected"] = int(rows.size)
     alignment = None
-    if config.align_radius_arcsec > 0:  # first guesses off by more than the match radius: align them first
+    if config.align_radius_arcsec > 0 and project is None:  # first guesses off by more than the match radius: align them first
         keys = np.stack([visit, detector], axis=1)
         first, ccd_of = unique_rows(keys)
         alignment = align(visit, ccd_of, keys[first], ra, dec, data.visits.visit, data.visits.epoch, ref.ra, ref.dec,

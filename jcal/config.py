@@ -77,6 +77,9 @@ class FitConfig:
     # Before matching, align each visit (shift, rotation, scale) and detector-visit (shift) on the
     # reference catalog from pair offsets within this radius (jcal.align); 0: use the first guess as is.
     align_radius_arcsec: float = 6.0
+    # After the astrometric fit, when its stars would match more reference stars than the association
+    # found (> 1 % more), associate again through the fitted map and refit; at most this many times.
+    rematch_rounds: int = 2
 
     # Astrometric model.
     # radial: constrained + one radial optical distortion (r^3, r^5) shared by all visits, between the
@@ -151,6 +154,8 @@ class FitConfig:
               "None or a number > 0")
         check("max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
               "an integer >= 1")
+        check("rematch_rounds", isinstance(self.rematch_rounds, int) and self.rematch_rounds >= 0,
+              "an integer >= 0")
         check("max_outlier_rounds", isinstance(self.max_outlier_rounds, int) and self.max_outlier_rounds >= 0,
               "an integer >= 0")
         check("astrometry", isinstance(self.astrometry, bool), "True or False")

@@ -38,10 +38,11 @@ def test_cli_python_and_demo_share_one_set_of_defaults():
     jointcal = JointcalConfig().load(ROOT / "configs" / "jointcal_defaults.json").toFitConfig()
     assert (jointcal.astrometry_model, jointcal.visit_order, jointcal.photometry_visit_order,
             jointcal.flux_errors) == ("constrained", 5, 7, "jointcal")
-    assert (jointcal.reference_counts, jointcal.align_radius_arcsec, jointcal.photometry_detector_order,
-            jointcal.holdout_fraction) == (False, 0.0, 0, 0.0)
+    assert (jointcal.reference_counts, jointcal.align_radius_arcsec, jointcal.rematch_rounds,
+            jointcal.photometry_detector_order, jointcal.holdout_fraction) == (False, 0.0, 0, 0, 0.0)
     assert jointcal.replace(astrometry_model="radial", visit_order=2, photometry_visit_order=3, flux_errors="minimum", reference_counts=True,
-                            align_radius_arcsec=6.0, photometry_detector_order=1, holdout_fraction=0.1) == FitConfig()
+                            align_radius_arcsec=6.0, rematch_rounds=2, photometry_detector_order=1,
+                            holdout_fraction=0.1) == FitConfig()
 
 
 def test_defaults_reach_every_detector_visit_accurately(edge):
@@ -111,3 +112,17 @@ def test_detector_visit_without_output_is_named(caplog):
     assert "no detection in the source catalog" in named[(1001, 2)] and "S/N" in named[(1002, 3)]
     assert "(visit=1001, detector=2)" in caplog.text and "(visit=1002, detector=3)" in caplog.text
     assert ccd_visits_not_fitted(data, result.association, config) == result.metrics["ccd_visits_not_fitted"]
+
+
+def test_rematch_through_the_fitted_map_recovers_a_poor_first_guess(caplog):
+    """Alignment off: a first guess off by 1-1.3 arcsec per visit matches few reference stars; the
+    fitted stars match many more, so jcal associates again through the fitted map and refits."""
+    sim = jcal.simulate("edge_small", seed=1, wcs_visit_shift_arcsec=(1.0, 1.3))
+    config = FitConfig(photometry=False, align_radius_arcsec=0.0)
+    first = associate(sim.data, config)
+    with caplog.at_level(logging.INFO, logger="jcal"):
+        result = jcal.fit(sim.data, config)
+    assert "associating again through the fitted map" in caplog.text
+    assert result.association.counts["reference_stars_matched"] > 1.5 * first.counts["reference_stars_matched"]
+    err = mapping_errors(result.pixel_to_sky, sim.truth)
+    assert err["rms_mas"] < 0.5 and err["worst_ccd_visit_mas"] < 1.2, err  # 2.9 / 9.4 mas without the rematch

@@ -31,7 +31,7 @@ import numpy as np
 import jcal_models as jm
 from jcal_models import MAS, Stars, sky_to_tangent
 
-from ..associate import Association
+from ..associate import _ARCSEC, Association, _match_references
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
@@ -314,6 +314,45 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     stage_seconds["total"] = time.perf_counter() - t_start
     return AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask, index,
                          float(c_m.sum() + c_s.sum()), ndof, stage_seconds, held if held.any() else None, held_chi2)
+
+
+REMATCH_GAIN = 0.01  # re-associate when the fitted stars would match this fraction more reference stars
+
+
+def missed_reference_matches(data: InputData, fit: "AstrometryFit", config: FitConfig) -> int:
+    """How many more of the fitted stars (at their fitted positions) match a reference star than the
+    association matched: a first guess too poor for matching shows here."""
+    assoc = fit.association
+    pos = jax.vmap(lambda s, t: s.position(t))(fit.stars, jnp.asarray(assoc.star_epoch))
+    xyz = unit_vectors(np.asarray(pos[0]), np.asarray(pos[1]))
+    ref = data.refcat
+    star_ref, _ = _match_references(xyz, assoc.star_epoch, unit_vectors(ref.ra, ref.dec), ref.epoch, ref.pmra,
+                                    ref.pmdec, config.ref_match_radius_arcsec * _ARCSEC)
+    return int(np.sum(star_ref >= 0) - np.sum(assoc.star_ref >= 0))
+
+
+def fitted_projector(data: InputData, result):
+    """`jcal.associate`'s `project`: sky positions through `result`'s fitted map where it has one,
+    else through the first-guess WCS (corrected by the association's alignment)."""
+    solution = result.solution
+    fitted = {tuple(k) for k in solution.ccd_visits.tolist()}
+    alignment = result.association.alignment
+
+    def project(rows, visit, detector):
+        ra, dec = np.full(rows.size, np.nan), np.full(rows.size, np.nan)
+        on = np.array([(v, d) in fitted for v, d in zip(visit.tolist(), detector.tolist())], bool)
+        if on.any():
+            ra[on], dec[on] = solution.pixel_to_sky(visit[on], detector[on], data.sources.x[rows[on]],
+                                                    data.sources.y[rows[on]])
+        for v, d in {(int(v), int(d)) for v, d in zip(visit[~on], detector[~on])}:
+            sel = np.flatnonzero(~on & (visit == v) & (detector == d))
+            ra[sel], dec[sel] = data.ccd_visits[(v, d)].wcs.all_pix2world(data.sources.x[rows[sel]],
+                                                                          data.sources.y[rows[sel]], 0)
+            if alignment is not None:
+                ra[sel], dec[sel] = alignment.apply_one(v, d, ra[sel], dec[sel])
+        return ra, dec
+
+    return project
 
 
 HOLDOUT_MIN_MEASUREMENTS = 3  # a held-out star needs this many detections (its own fit leaves residuals)

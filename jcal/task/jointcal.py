@@ -211,6 +211,9 @@ class JointcalConfig(Config):
     alignRadius = RangeField("[jcal] align visits and detector-visits on the reference catalog from pair offsets "
                              "within this radius (arcsec) before matching; 0: off", float,
                              default=_D.align_radius_arcsec, min=0.0)
+    rematchRounds = RangeField("[jcal] after the astrometric fit, associate again through the fitted map and "
+                               "refit when its stars would match > 1 % more reference stars, at most this often",
+                               int, default=_D.rematch_rounds, min=0)
     photometryDetectorOrder = RangeField("[jcal] order of each detector's own photometric field (constrained "
                                          "models; 0: a constant, jointcal's)", int,
                                          default=_D.photometry_detector_order, min=0, max=12)
@@ -267,6 +270,7 @@ class JointcalConfig(Config):
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
                 fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors,
                 reference_counts=self.referenceCounts, align_radius_arcsec=self.alignRadius,
+                rematch_rounds=self.rematchRounds,
                 photometry_detector_order=self.photometryDetectorOrder, holdout_fraction=self.holdoutFraction)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
@@ -303,6 +307,7 @@ FIELD_MAP = {
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
     "flux_errors": "fluxErrors", "reference_counts": "referenceCounts", "align_radius_arcsec": "alignRadius",
     "photometry_detector_order": "photometryDetectorOrder", "holdout_fraction": "holdoutFraction",
+    "rematch_rounds": "rematchRounds",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
