@@ -55,11 +55,15 @@ def fit(data: InputData, config: FitConfig | None = None, *, astrometry_model: j
         timings["astrometry"] = time.perf_counter() - t0
     if config.photometry:
         try:
-            from .calibration.photometry import fit_photometry
+            from .calibration.photometry import detector_fields_significant, fit_photometry
         except ImportError:  # pragma: no cover - photometry module not present
             log.warning("photometry is not available in this build; skipped")
         else:
             t0 = time.perf_counter()
             result.photometry = fit_photometry(data, assoc, config, astrometry=result.astrometry)
+            if config.photometry_detector_order > 0 and not detector_fields_significant(result.photometry):
+                log.info("photometry: the detector fields are consistent with 0: refitting without them")
+                result.photometry = fit_photometry(data, assoc, config.replace(photometry_detector_order=0),
+                                                   astrometry=result.astrometry)
             timings["photometry"] = time.perf_counter() - t0
     return result

@@ -1156,6 +1156,31 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
     return fit
 
 
+DETECTOR_FIELD_SIGMA = 5.0  # detector fields are kept when they differ from 0 at this significance
+
+
+def detector_fields_significant(fit: PhotometryFit) -> bool:
+    """Whether the fitted detector fields (all together) differ from zero beyond noise: chi2 of their
+    coefficients under their covariance against its dof + DETECTOR_FIELD_SIGMA sqrt(2 dof). Where they
+    do not, they only add variance (they nearly trade with the visit fields' higher orders)."""
+    model = fit.model
+    where = ((lambda m: m.base.detector_field.inner.coeffs) if isinstance(model, WithColourTerms)
+             else (lambda m: m.detector_field.inner.coeffs))
+    if getattr(base_form(model), "detector_field", None) is None:
+        return True
+    params, _ = eqx.partition(model, fit.solver.mapping_filter)
+    chosen = jax.tree.map(jnp.zeros_like, params)
+    chosen = eqx.tree_at(where, chosen, jnp.ones_like(where(chosen)))
+    sel = (fit.solver.mapping_mask(chosen) * np.asarray(fit.mapping_mask)) > 0
+    if not sel.any():
+        return True
+    g = np.asarray(fit.solver.layout.flatten(params))[sel]
+    chi2 = float(g @ np.linalg.pinv(fit.mapping_covariance()[np.ix_(sel, sel)], hermitian=True) @ g)
+    dof = int(sel.sum())
+    log.info("photometry: detector fields chi2 %.4g for %d coefficients", chi2, dof)
+    return chi2 > dof + DETECTOR_FIELD_SIGMA * np.sqrt(2.0 * dof)
+
+
 SUSPECT_RATIO = 1.5  # max / min calibration over a detector beyond which the field is called suspect
 
 
