@@ -380,6 +380,32 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
 # --------------------------------------------------------------------------- main entry
 
 
+def ccd_visits_not_fitted(data: InputData, a: Association, config: FitConfig) -> list[dict]:
+    """Every detector-visit of the input without a fitted model, each with the reason."""
+    fitted = {tuple(k) for k in a.ccd_visits.tolist()}
+    src = data.sources
+    keys = src.visit.astype(np.int64) * (1 << 32) + src.detector.astype(np.int64)
+    total = dict(zip(*np.unique(keys, return_counts=True)))
+    sel = src.inst_flux / src.inst_flux_err > config.min_snr
+    selected = dict(zip(*np.unique(keys[sel], return_counts=True)))
+    out = []
+    for v, d in sorted(data.ccd_visits):
+        if (v, d) in fitted:
+            continue
+        key = v * (1 << 32) + d
+        if not total.get(key):
+            reason = "no detection in the source catalog"
+        elif not selected.get(key):
+            reason = f"no detection with S/N > min_snr = {config.min_snr:g} ({total[key]} detections)"
+        else:
+            reason = (f"none of its {selected[key]} selected detections belongs to a star seen in another visit "
+                      "or matched to a reference star (or its first-guess WCS gives no finite position)")
+        out.append({"visit": int(v), "detector": int(d), "reason": reason})
+    return out
+
+
+
+
 def associate(data: InputData, config: FitConfig, project=None) -> Association:
     """Select, group and reference-match the detections of `data`; see the module docstring.
 
@@ -553,7 +579,7 @@ def associate(data: InputData, config: FitConfig, project=None) -> Association:
         log.warning("%d detector-visit(s) have no measurement matched to the reference catalog "
                     "(first-guess WCS off?): %s", no_ref.shape[0], _name_list(no_ref))
 
-    return Association(
+    out = Association(
         source_index=m_rows.astype(np.int64),
         star=star.astype(np.int64),
         visit_index=visit_index.reshape(-1).astype(np.int64),
@@ -575,3 +601,9 @@ def associate(data: InputData, config: FitConfig, project=None) -> Association:
         counts=counts,
         alignment=alignment,
     )
+    missing = ccd_visits_not_fitted(data, out, config)
+    if missing:  # never a silent hole: each is named in metrics.json too (ccd_visits_not_fitted)
+        log.warning("%d detector-visit(s) get no calibration: %s", len(missing), "; ".join(
+            f"(visit={m['visit']}, detector={m['detector']}): {m['reason']}" for m in missing[:_MAX_NAMED])
+            + (f"; and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""))
+    return out

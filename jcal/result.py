@@ -29,7 +29,7 @@ from astropy.io import fits
 
 import jcal_models as jm
 
-from .associate import Association
+from .associate import Association, ccd_visits_not_fitted
 from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import AstrometryFit
@@ -253,30 +253,6 @@ def ccd_visit_constraints(a: Association) -> list[dict[str, Any]]:
     ref = np.bincount(k, weights=has_ref[a.star], minlength=n_k)
     return [{"visit": int(v), "detector": int(d), "measurements": int(n[i]), "shared_with_other_visits": int(shared[i]),
              "with_reference": int(ref[i])} for i, (v, d) in enumerate(a.ccd_visits.tolist())]
-
-
-def ccd_visits_not_fitted(data: InputData, a: Association, config: FitConfig) -> list[dict[str, Any]]:
-    """Every detector-visit of the input without a fitted model, each with the reason."""
-    fitted = {tuple(k) for k in a.ccd_visits.tolist()}
-    src = data.sources
-    keys = src.visit.astype(np.int64) * (1 << 32) + src.detector.astype(np.int64)
-    total = dict(zip(*np.unique(keys, return_counts=True)))
-    sel = src.inst_flux / src.inst_flux_err > config.min_snr
-    selected = dict(zip(*np.unique(keys[sel], return_counts=True)))
-    out = []
-    for v, d in sorted(data.ccd_visits):
-        if (v, d) in fitted:
-            continue
-        key = v * (1 << 32) + d
-        if not total.get(key):
-            reason = "no detection in the source catalog"
-        elif not selected.get(key):
-            reason = f"no detection with S/N > min_snr = {config.min_snr:g} ({total[key]} detections)"
-        else:
-            reason = (f"none of its {selected[key]} selected detections belongs to a star seen in another visit "
-                      "or matched to a reference star (or its first-guess WCS gives no finite position)")
-        out.append({"visit": int(v), "detector": int(d), "reason": reason})
-    return out
 
 
 @brief_jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)

@@ -31,11 +31,12 @@ import numpy as np
 import jcal_models as jm
 from jcal_models import MAS, Stars, sky_to_tangent
 
-from ..associate import _ARCSEC, Association, _match_references
+from ..associate import _ARCSEC, Association, _match_references, associate
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, implicit_function, small_linalg
+from ..solution import AstrometricSolution
 from ..solver.compile import brief_jit
 from ..solver.gauss_newton import unflatten_stars
 from .initialise import initial_astrometric_model
@@ -210,6 +211,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     epoch = np.array([visit_epoch[v] for v in assoc.visits])[assoc.visit_index]
     epoch0 = float(np.round(np.mean(epoch), 3))
     proper_motion = _proper_motion_wanted(data, assoc, config)
+    user_model = model is not None
     if model is None:
         model = initial_astrometric_model(data, assoc, config)
     stars = _initial_stars(data, assoc, epoch0, proper_motion)
@@ -312,8 +314,18 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start
-    return AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask, index,
-                         float(c_m.sum() + c_s.sum()), ndof, stage_seconds, held if held.any() else None, held_chi2)
+    fit = AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask,
+                        index, float(c_m.sum() + c_s.sum()), ndof, stage_seconds, held if held.any() else None,
+                        held_chi2)
+    if not user_model and config.rematch_rounds > 0:
+        gain = missed_reference_matches(data, fit, config)
+        if gain > REMATCH_GAIN * max(int(has_ref.sum()), 1):  # bounded: one round fewer each time
+            log.info("astrometry: the fitted stars match %d more reference stars: associating again through "
+                     "the fitted map and refitting", gain)
+            new = associate(data, config, project=fitted_projector(data, fit))
+            return fit_astrometry(data, new, config.replace(rematch_rounds=config.rematch_rounds - 1),
+                                  progress=progress)
+    return fit
 
 
 REMATCH_GAIN = 0.01  # re-associate when the fitted stars would match this fraction more reference stars
@@ -331,12 +343,13 @@ def missed_reference_matches(data: InputData, fit: "AstrometryFit", config: FitC
     return int(np.sum(star_ref >= 0) - np.sum(assoc.star_ref >= 0))
 
 
-def fitted_projector(data: InputData, result):
-    """`jcal.associate`'s `project`: sky positions through `result`'s fitted map where it has one,
-    else through the first-guess WCS (corrected by the association's alignment)."""
-    solution = result.solution
+def fitted_projector(data: InputData, fit: "AstrometryFit"):
+    """`jcal.associate`'s `project`: sky positions through the fitted map where it has one, else
+    through the first-guess WCS (corrected by the association's alignment)."""
+    a = fit.association
+    solution = AstrometricSolution(fit.model, a.visits, a.detectors, a.ccd_visits)
     fitted = {tuple(k) for k in solution.ccd_visits.tolist()}
-    alignment = result.association.alignment
+    alignment = a.alignment
 
     def project(rows, visit, detector):
         ra, dec = np.full(rows.size, np.nan), np.full(rows.size, np.nan)

@@ -918,7 +918,21 @@ def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: n
 
 def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astrometry=None, *,
                    model: PhotometricTransform | None = None, mapping_filter=None, progress=None) -> PhotometryFit:
-    """Staged Gauss-Newton photometric fit with outlier rejection (jointcal's recipe, vectorised).
+    """Staged Gauss-Newton photometric fit with outlier rejection (jointcal's recipe, vectorised), see
+    `_fit_photometry`; detector fields consistent with 0 are dropped and the fit redone without them
+    (`detector_fields_significant`)."""
+    fit = _fit_photometry(data, assoc, config, astrometry, model=model, mapping_filter=mapping_filter,
+                          progress=progress)
+    if model is None and config.photometry_detector_order > 0 and not detector_fields_significant(fit):
+        log.info("photometry: the detector fields are consistent with 0: refitting without them")
+        fit = _fit_photometry(data, assoc, config.replace(photometry_detector_order=0), astrometry,
+                              mapping_filter=mapping_filter, progress=progress)
+    return fit
+
+
+def _fit_photometry(data: InputData, assoc: Association, config: FitConfig, astrometry=None, *,
+                    model: PhotometricTransform | None = None, mapping_filter=None, progress=None) -> PhotometryFit:
+    """The photometric fit of `fit_photometry`.
 
     astrometry: an `AstrometryFit` whose model's chip part gives focal-plane positions (optional).
     model: a starting model of any photometric form (default: built from the data as

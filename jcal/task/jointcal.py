@@ -377,6 +377,7 @@ class JointcalTask(Task):
         if c.doAstrometry:
             result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
                                                        mapping_filter=mapping_filter, progress=progress)
+            assoc = result.association = result.astrometry.association  # re-associated if it matched more
         if c.doPhotometry:
             result.photometry = self.photometryFit.run(data, assoc, fitConfig, astrometry=result.astrometry)
         for sub in ("associate", "astrometryFit", "photometryFit"):
