@@ -153,9 +153,9 @@ class JointcalConfig(Config):
         "constrained": "per-detector map then per-visit map", "simple": "one map per detector-visit"})
     astrometrySimpleOrder = RangeField("polynomial order of the simple model", int, default=_D.simple_order,
                                        min=1, max=12)
-    astrometryChipOrder = RangeField("order of the per-detector map (constrained)", int, default=_D.chip_order,
+    astrometryChipOrder = RangeField("order of the per-detector map (radial, constrained)", int, default=_D.chip_order,
                                      min=1, max=12)
-    astrometryVisitOrder = RangeField("order of the per-visit map (constrained)", int, default=_D.visit_order,
+    astrometryVisitOrder = RangeField("order of the per-visit map (radial, constrained)", int, default=_D.visit_order,
                                       min=1, max=12)
     photometryModel = ChoiceField("photometric model", str, default=_PHOT_MODELS_BY_CORE[_D.photometry_model], allowed={
         "constrainedMagnitude": "per-detector + per-visit, in magnitudes",
@@ -169,7 +169,8 @@ class JointcalConfig(Config):
     maxSteps = RangeField("maximum Gauss-Newton steps per stage", int, default=_D.max_iterations, min=1)
     matchCut = RangeField("association radius between detections of one star (arcsec; jointcal's default "
                           "is 3.0, jcal's 1.0)", float, default=_D.match_radius_arcsec, min=0.0, inclusiveMin=False)
-    minMeasurements = RangeField("minimum number of detections of a fitted star", int,
+    minMeasurements = RangeField("minimum number of points of a fitted star (detections, + its reference star "
+                                 "if referenceCounts)", int,
                                  default=_D.min_measurements, min=1)
     astrometryReferenceErr = RangeField("reference position error per coordinate (mas); overrides/supplies "
                                         "the refcat errors", float, default=_D.reference_error_mas, min=0.0,
