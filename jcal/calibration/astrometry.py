@@ -323,8 +323,11 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
             log.info("astrometry: the fitted stars match %d more reference stars: associating again through "
                      "the fitted map and refitting", gain)
             new = associate(data, config, project=fitted_projector(data, fit))
-            return fit_astrometry(data, new, config.replace(rematch_rounds=config.rematch_rounds - 1),
-                                  progress=progress)
+            again = fit_astrometry(data, new, config.replace(rematch_rounds=config.rematch_rounds - 1),
+                                   mapping_filter=mapping_filter, progress=progress)
+            again.stage_seconds["before_rematch"] = time.perf_counter() - t_start - again.stage_seconds["total"]
+            again.stage_seconds["total"] = time.perf_counter() - t_start
+            return again
     return fit
 
 
