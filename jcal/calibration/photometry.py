@@ -925,7 +925,13 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
                           progress=progress)
     if model is None and config.photometry_detector_order > 0 and not detector_fields_significant(fit):
         log.info("photometry: the detector fields are consistent with 0: refitting without them")
-        fit = _fit_photometry(data, assoc, config.replace(photometry_detector_order=0), astrometry,
+        # from the fitted model less its detector fields: the rest is nearly converged already
+        start = fit.model
+        if isinstance(start, WithColourTerms):
+            start = dataclasses.replace(start, base=dataclasses.replace(start.base, detector_field=None))
+        else:
+            start = dataclasses.replace(start, detector_field=None)
+        fit = _fit_photometry(data, assoc, config.replace(photometry_detector_order=0), astrometry, model=start,
                               mapping_filter=mapping_filter, progress=progress)
     return fit
 
