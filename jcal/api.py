@@ -55,6 +55,7 @@ def _fit(data, config, astrometry_model, mapping_filter, progress) -> FitResult:
         with step(progress, "astrometric fit"):
             result.astrometry = fit_astrometry(data, assoc, config, model=astrometry_model,
                                                mapping_filter=mapping_filter, progress=progress)
+        assoc = result.association = result.astrometry.association  # re-associated if the fit matched more
         timings["astrometry"] = time.perf_counter() - t0
     if config.photometry:
         try:

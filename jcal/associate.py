@@ -11,7 +11,10 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
 
 1. **Selection**: keep detections with ``instFlux / instFluxErr > config.min_snr``.
 2. **Projection**: every detection goes to the sky through the first-guess WCS of its
-   detector-visit (pixels are 0-based, so ``origin=0``).
+   detector-visit (pixels are 0-based, so ``origin=0``), then, unless
+   ``align_radius_arcsec`` is 0, is corrected by an alignment of each visit (shift, rotation,
+   scale) and detector-visit (shift) on the reference catalog (`jcal.align`): a first guess off
+   by several arcsec then matches as well as a good one.
 3. **Grouping** (one detection per visit per star, independent of input order):
    friends-of-friends on 3-D unit vectors, linking each detection to its nearest (up to 16)
    detections of *other* visits within ``match_radius_arcsec``. A group that still holds
@@ -24,7 +27,7 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
    Detections are processed in a canonical, content-based order (visit, detector, y, x,
    flux, source id), so shuffling the input catalog only relabels the result.
    Stars are numbered by their first detection in that order, so even the numbering is
-   reproducible. Stars with fewer than ``config.min_measurements`` detections are dropped.
+   reproducible.
 4. **Reference matching**: reference positions are carried to each star's mean epoch with
    their proper motion (when present), then each star takes its nearest reference star
    within ``ref_match_radius_arcsec``; if several stars claim the same reference star the
@@ -32,7 +35,10 @@ Steps (each logs its counts at INFO on the ``jcal.associate`` logger, and record
    is usually a blend or a spurious detection). Proper motions are used for matching
    whenever pmra/pmdec are finite, whatever `config.proper_motion` says: it only decides
    whether the fit models them. The reference stars considered are those on or near the
-   detector-visits with selected detections.
+   detector-visits with selected detections. Every group is matched, then groups with fewer than
+   ``config.min_measurements`` points are dropped: detections, plus the reference star when
+   ``config.reference_counts`` (so a star seen once but matched is kept: at a survey's edge these
+   are all that constrain a detector; jointcal counts detections only).
 5. **Checks**: clear `InputError`s for input that cannot be fitted (nothing selected, a
    single visit, no overlap between visits, no reference match at all); warnings name the
    detector-visits whose detections associate with nothing.
@@ -48,6 +54,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from jcal.align import Alignment, align
 from jcal.arrays import unique_rows
 from jcal.config import FitConfig
 from jcal.data import InputData, InputError
@@ -93,6 +100,7 @@ class Association:
     star_ref_ra_err: np.ndarray  # (n,) mas on the sky (config.reference_error_mas if set; NaN if none)
     star_ref_dec_err: np.ndarray  # (n,) mas
     counts: dict[str, int] = field(default_factory=dict)  # counts at each step, for logs/reports
+    alignment: Alignment | None = None  # corrections applied to the first-guess positions (jcal.align)
 
     @property
     def n_stars(self) -> int:
@@ -372,8 +380,38 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
 # --------------------------------------------------------------------------- main entry
 
 
-def associate(data: InputData, config: FitConfig) -> Association:
+def ccd_visits_not_fitted(data: InputData, a: Association, config: FitConfig) -> list[dict]:
+    """Every detector-visit of the input without a fitted model, each with the reason."""
+    fitted = {tuple(k) for k in a.ccd_visits.tolist()}
+    src = data.sources
+    keys = src.visit.astype(np.int64) * (1 << 32) + src.detector.astype(np.int64)
+    total = dict(zip(*np.unique(keys, return_counts=True)))
+    sel = src.inst_flux / src.inst_flux_err > config.min_snr
+    selected = dict(zip(*np.unique(keys[sel], return_counts=True)))
+    out = []
+    for v, d in sorted(data.ccd_visits):
+        if (v, d) in fitted:
+            continue
+        key = v * (1 << 32) + d
+        if not total.get(key):
+            reason = "no detection in the source catalog"
+        elif not selected.get(key):
+            reason = f"no detection with S/N > min_snr = {config.min_snr:g} ({total[key]} detections)"
+        else:
+            reason = (f"none of its {selected[key]} selected detections belongs to a star seen in another visit "
+                      "or matched to a reference star (or its first-guess WCS gives no finite position)")
+        out.append({"visit": int(v), "detector": int(d), "reason": reason})
+    return out
+
+
+
+
+def associate(data: InputData, config: FitConfig, project=None) -> Association:
     """Select, group and reference-match the detections of `data`; see the module docstring.
+
+    project: optional callable (source rows, visit ids, detector ids) -> (ra, dec) deg giving the sky
+        positions to associate (e.g. through a fitted map, to re-associate after a fit) instead of
+        the first-guess WCSs and their alignment.
 
     Raises InputError when the input cannot support a fit (nothing selected, fewer than two
     visits, visits that do not overlap, or no star matching the reference catalog).
@@ -405,7 +443,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
         )
 
     # 2. Projection with the first-guess WCSs.
-    ra, dec = _project(data, rows)
+    ra, dec = _project(data, rows) if project is None else project(rows, visit, detector)
     finite = np.isfinite(ra) & np.isfinite(dec)
     if not finite.all():
         bad_keys = np.stack([visit[~finite], detector[~finite]], axis=1)
@@ -414,6 +452,13 @@ def associate(data: InputData, config: FitConfig) -> Association:
                     "detector-visit(s): %s", int((~finite).sum()), _name_list(bad_keys))
         rows, visit, detector, ra, dec = rows[finite], visit[finite], detector[finite], ra[finite], dec[finite]
     counts["sources_projected"] = int(rows.size)
+    alignment = None
+    if config.align_radius_arcsec > 0 and project is None:  # first guesses off by more than the match radius: align them first
+        keys = np.stack([visit, detector], axis=1)
+        first, ccd_of = unique_rows(keys)
+        alignment = align(visit, ccd_of, keys[first], ra, dec, data.visits.visit, data.visits.epoch, ref.ra, ref.dec,
+                          ref.epoch, ref.pmra, ref.pmdec, config.align_radius_arcsec)
+        ra, dec = alignment.apply(visit, ccd_of, ra, dec)
     xyz = unit_vectors(ra, dec)  # (s, 3)
 
     # 3. Grouping.
@@ -431,36 +476,13 @@ def associate(data: InputData, config: FitConfig) -> Association:
             f"within match_radius_arcsec = {config.match_radius_arcsec:g} (check that the visits overlap "
             "on the sky and that their first-guess WCSs are right)"
         )
-    keep_group = size >= config.min_measurements
-    counts["stars_kept"] = int(keep_group.sum())
-    log.info("grouping: %d stars with >= %d measurements kept (%d dropped)",
-             keep_group.sum(), config.min_measurements, n_groups - keep_group.sum())
-    if not keep_group.any():
-        raise InputError(
-            f"no star has at least min_measurements = {config.min_measurements} detections "
-            f"(the best-observed star has {size.max()})"
-        )
-    # Renumber kept stars in canonical order and sort measurements by (star, visit).
-    new_label = np.cumsum(keep_group) - 1
-    m_keep = keep_group[labels]
-    star = new_label[labels[m_keep]]
-    order = np.lexsort((visit[m_keep], star))
-    sel_idx = np.flatnonzero(m_keep)[order]  # (m,) into the selected/canonical arrays
-    star = star[order]
-    m_rows, m_visit, m_detector = rows[sel_idx], visit[sel_idx], detector[sel_idx]
-    m_ra, m_dec, m_xyz = ra[sel_idx], dec[sel_idx], xyz[sel_idx]
-    n_stars = int(keep_group.sum())
-
-    # Per-star mean position and epoch.
+    # Per-group mean position and epoch (every group: a single detection may match a reference star).
     vis_order = np.argsort(data.visits.visit)
-    vis_pos = vis_order[np.searchsorted(data.visits.visit, m_visit, sorter=vis_order)]
-    m_epoch = data.visits.epoch[vis_pos]  # (m,)
-    nmeas = np.bincount(star, minlength=n_stars)
-    star_xyz = np.zeros((n_stars, 3))
-    np.add.at(star_xyz, star, m_xyz)
-    star_xyz /= np.linalg.norm(star_xyz, axis=1, keepdims=True)
-    star_ra, star_dec = to_radec(star_xyz)
-    star_epoch = np.bincount(star, weights=m_epoch, minlength=n_stars) / nmeas
+    epoch_all = data.visits.epoch[vis_order[np.searchsorted(data.visits.visit, visit, sorter=vis_order)]]
+    group_xyz = np.zeros((n_groups, 3))
+    np.add.at(group_xyz, labels, xyz)
+    group_xyz /= np.linalg.norm(group_xyz, axis=1, keepdims=True)
+    group_epoch = np.bincount(labels, weights=epoch_all, minlength=n_groups) / size
 
     # 4. Reference matching.
     ref_xyz = unit_vectors(ref.ra, ref.dec)  # (r, 3) at ref.epoch
@@ -470,13 +492,42 @@ def associate(data: InputData, config: FitConfig) -> Association:
     counts["reference_stars_total"] = len(ref)
     counts["reference_stars_collected"] = int(collected.sum())
     near_rows = np.flatnonzero(near)
-    star_ref = np.full(n_stars, -1, dtype=np.int64)
-    ref_at_star = np.full((n_stars, 3), np.nan)
+    group_ref = np.full(n_groups, -1, dtype=np.int64)
+    group_ref_at = np.full((n_groups, 3), np.nan)
     if near_rows.size:
-        sub_ref, ref_at_star = _match_references(
-            star_xyz, star_epoch, ref_xyz[near_rows], ref.epoch[near_rows], ref.pmra[near_rows],
+        sub_ref, group_ref_at = _match_references(
+            group_xyz, group_epoch, ref_xyz[near_rows], ref.epoch[near_rows], ref.pmra[near_rows],
             ref.pmdec[near_rows], config.ref_match_radius_arcsec * _ARCSEC)
-        star_ref = np.where(sub_ref >= 0, near_rows[np.maximum(sub_ref, 0)], -1)
+        group_ref = np.where(sub_ref >= 0, near_rows[np.maximum(sub_ref, 0)], -1)
+
+    # A star needs min_measurements points: its detections, plus its reference star if the rule says so.
+    points = size + (group_ref >= 0) if config.reference_counts else size
+    keep_group = points >= config.min_measurements
+    counts["stars_kept"] = int(keep_group.sum())
+    counts["stars_kept_single_with_reference"] = int(np.sum(keep_group & (size < 2)))
+    log.info("grouping: %d stars with >= %d %s kept (%d dropped; %d of the kept seen once, with a reference star)",
+             keep_group.sum(), config.min_measurements,
+             "points (detections + reference)" if config.reference_counts else "detections",
+             n_groups - keep_group.sum(), counts["stars_kept_single_with_reference"])
+    if not keep_group.any():
+        raise InputError(
+            f"no star has at least min_measurements = {config.min_measurements} "
+            f"{'points (detections + its reference star)' if config.reference_counts else 'detections'} "
+            f"(the best-observed star has {points.max()})"
+        )
+    # Renumber kept stars in canonical order and sort measurements by (star, visit).
+    new_label = np.cumsum(keep_group) - 1
+    m_keep = keep_group[labels]
+    star = new_label[labels[m_keep]]
+    order = np.lexsort((visit[m_keep], star))
+    sel_idx = np.flatnonzero(m_keep)[order]  # (m,) into the selected/canonical arrays
+    star = star[order]
+    m_rows, m_visit, m_detector = rows[sel_idx], visit[sel_idx], detector[sel_idx]
+    m_ra, m_dec = ra[sel_idx], dec[sel_idx]
+    n_stars = int(keep_group.sum())
+    star_xyz, star_epoch = group_xyz[keep_group], group_epoch[keep_group]
+    star_ra, star_dec = to_radec(star_xyz)
+    star_ref, ref_at_star = group_ref[keep_group], group_ref_at[keep_group]
     matched = star_ref >= 0
     counts["reference_stars_matched"] = int(matched.sum())
     log.info("reference: %d of %d reference stars in the footprint; %d stars matched within %g arcsec",
@@ -528,7 +579,7 @@ def associate(data: InputData, config: FitConfig) -> Association:
         log.warning("%d detector-visit(s) have no measurement matched to the reference catalog "
                     "(first-guess WCS off?): %s", no_ref.shape[0], _name_list(no_ref))
 
-    return Association(
+    out = Association(
         source_index=m_rows.astype(np.int64),
         star=star.astype(np.int64),
         visit_index=visit_index.reshape(-1).astype(np.int64),
@@ -548,4 +599,11 @@ def associate(data: InputData, config: FitConfig) -> Association:
         star_ref_ra_err=star_ref_ra_err,
         star_ref_dec_err=star_ref_dec_err,
         counts=counts,
+        alignment=alignment,
     )
+    missing = ccd_visits_not_fitted(data, out, config)
+    if missing:  # never a silent hole: each is named in metrics.json too (ccd_visits_not_fitted)
+        log.warning("%d detector-visit(s) get no calibration: %s", len(missing), "; ".join(
+            f"(visit={m['visit']}, detector={m['detector']}): {m['reason']}" for m in missing[:_MAX_NAMED])
+            + (f"; and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""))
+    return out

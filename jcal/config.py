@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ASTROMETRY_MODELS = ("constrained", "simple")
+ASTROMETRY_MODELS = ("radial", "constrained", "simple")
 PHOTOMETRY_MODELS = ("constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux")
 
 
@@ -122,7 +122,17 @@ class FitConfig:
     # Association.
     match_radius_arcsec: float = 1.0  # detections of one star across visits
     ref_match_radius_arcsec: float = 1.0  # fitted star <-> reference star
-    min_measurements: int = 2  # a fitted star needs this many detections
+    min_measurements: int = 2  # a fitted star needs this many points (see reference_counts)
+    # A matched reference star counts as one of a star's points (gbdes' rule): a star seen once with a
+    # reference match is fitted, which is all that constrains a survey's edge. False: jointcal's rule
+    # (detections only).
+    reference_counts: bool = True
+    # Before matching, align each visit (shift, rotation, scale) and detector-visit (shift) on the
+    # reference catalog from pair offsets within this radius (jcal.align); 0: use the first guess as is.
+    align_radius_arcsec: float = 6.0
+    # After the astrometric fit, when its stars would match more reference stars than the association
+    # found (> 1 % more), associate again through the fitted map and refit; at most this many times.
+    rematch_rounds: int = 2
     # Input screening before association (jcal.screen): "drop" (warned, counted in metrics.json)
     # or "error" (InputError naming them).
     duplicate_detections: Literal["drop", "error"] = "drop"  # same detector-visit and source_id or x, y
@@ -131,9 +141,11 @@ class FitConfig:
     far_off_wcs: Literal["drop", "error"] = "drop"  # no reference star and no other visit near its footprint
 
     # Astrometric model.
-    astrometry_model: Literal["constrained", "simple"] = "constrained"
+    # radial: constrained + one radial optical distortion (r^3, r^5) shared by all visits, between the
+    # detector and visit maps, so each visit needs only a low order (jcal_models.extra.RadialAstrometry)
+    astrometry_model: Literal["radial", "constrained", "simple"] = "radial"
     chip_order: int = 1  # constrained: per-detector pixel -> focal plane
-    visit_order: int = 5  # constrained: per-visit focal plane -> tangent plane
+    visit_order: int = 2  # radial/constrained: per-visit focal plane -> tangent plane (jointcal: 5)
     simple_order: int = 3  # simple: per detector-visit pixel -> tangent plane
     proper_motion: Literal["auto", "on", "off"] = "auto"  # auto: on when visits span > pm_min_baseline_years
     pm_min_baseline_years: float = 1.0
@@ -145,7 +157,10 @@ class FitConfig:
     photometry_model: Literal[
         "constrained_magnitude", "constrained_flux", "simple_magnitude", "simple_flux"
     ] = "constrained_magnitude"
-    photometry_visit_order: int = 7  # Chebyshev order of the per-visit focal-plane field
+    photometry_visit_order: int = 3  # Chebyshev order of the per-visit focal-plane field (jointcal: 7)
+    # constrained photometric models: order of each detector's own field over its pixels (1: a linear
+    # gradient across the detector); 0: a constant per detector (jointcal's model)
+    photometry_detector_order: int = 1
     flux_pedestal: float = 0.0  # fractional, added in quadrature to instFluxErr / instFlux
     # Flux models' error sigma = |calibration| err moves with the model. "minimum": the fit ends at
     # the minimum of chi2 (the error's derivative in the Jacobian; unbiased). "jointcal": jointcal's
@@ -158,6 +173,10 @@ class FitConfig:
     # (jointcal's colorterm library). A band listed here takes its reference fluxes from `primary`.
     colour_terms: dict[str, dict[str, Any]] = field(default_factory=dict)
     fit_colour_terms: bool = False  # fit c1 of every band in colour_terms (its value there: the start)
+
+    # Validation: this fraction of the stars without a reference star and with >= 3 detections is held
+    # out of the astrometric fit; their residuals (stars refitted on the final mapping) are reported.
+    holdout_fraction: float = 0.1
 
     # Solver.
     outlier_sigma: float = 5.0  # reject at this many sigma (equivalent Gaussian tail)
@@ -181,7 +200,8 @@ class FitConfig:
         check("proper_motion", self.proper_motion in ("auto", "on", "off"), "one of ('auto', 'on', 'off')")
         for name in ("duplicate_detections", "outside_detector", "far_off_wcs"):
             check(name, getattr(self, name) in ("drop", "error"), "'drop' or 'error'")
-        for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order"):
+        for name in ("chip_order", "visit_order", "simple_order", "photometry_visit_order",
+                     "photometry_detector_order"):
             v = getattr(self, name)
             check(name, isinstance(v, int) and 0 <= v <= 12, "an integer in [0, 12]")
         check("chip_order", self.chip_order >= 1, "at least 1 (a detector needs an affine map)")
@@ -190,7 +210,7 @@ class FitConfig:
         check("min_measurements", isinstance(self.min_measurements, int) and self.min_measurements >= 1,
               "an integer >= 1")
         for name in ("min_snr", "astrometry_pedestal_mas", "flux_pedestal", "magnitude_pedestal",
-                     "pm_min_baseline_years", "outside_margin_pixels"):
+                     "pm_min_baseline_years", "outside_margin_pixels", "align_radius_arcsec"):
             check(name, float(getattr(self, name)) >= 0, "a number >= 0")
         for name in ("match_radius_arcsec", "ref_match_radius_arcsec", "outlier_sigma", "tolerance",
                      "pm_prior_mas_yr"):
@@ -199,9 +219,13 @@ class FitConfig:
               "None or a number > 0")
         check("max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
               "an integer >= 1")
+        check("rematch_rounds", isinstance(self.rematch_rounds, int) and self.rematch_rounds >= 0,
+              "an integer >= 0")
         check("max_outlier_rounds", isinstance(self.max_outlier_rounds, int) and self.max_outlier_rounds >= 0,
               "an integer >= 0")
         check("astrometry", isinstance(self.astrometry, bool), "True or False")
+        check("reference_counts", isinstance(self.reference_counts, bool), "True or False")
+        check("holdout_fraction", 0.0 <= float(self.holdout_fraction) < 0.5, "a number in [0, 0.5)")
         check("photometry", isinstance(self.photometry, bool), "True or False")
         check("astrometry", self.astrometry or self.photometry, "at least one of astrometry/photometry must be on")
         object.__setattr__(self, "colour_terms", normalise_colour_terms(self.colour_terms))

@@ -31,7 +31,7 @@ from astropy.io import fits
 
 import jcal_models as jm
 
-from .associate import Association
+from .associate import Association, ccd_visits_not_fitted
 from .config import FitConfig
 from .data import InputData
 from .calibration.astrometry import AstrometryFit
@@ -132,9 +132,12 @@ class FitResult:
             epoch = np.asarray(fit.solver.data["epoch"])[: len(a.star)]
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
             xi, eta = (np.asarray(v) for v in _sky_to_tangent(ra, dec, sra, sdec))
+            held = fit.held_out if fit.held_out is not None else np.zeros(len(a.star), bool)
+            chi2 = np.where(held, fit.held_out_chi2 if fit.held_out_chi2 is not None else 0.0,
+                            fit.chi2_per_measurement())
             cols.update(ra=ra, dec=dec, residual_ra_mas=xi * MAS_PER_DEG, residual_dec_mas=eta * MAS_PER_DEG,
-                        chi2=fit.chi2_per_measurement(), chi2_deleted=fit.deleted_chi2_per_measurement(),
-                        outlier=fit.weights == 0)
+                        chi2=chi2, chi2_deleted=np.where(held, chi2, fit.deleted_chi2_per_measurement()),
+                        outlier=fit.rejected, held_out=held)
         if self.photometry is not None:
             cols.update(self.photometry.measurement_columns())
         return cols
@@ -182,12 +185,44 @@ class FitResult:
                 "astrometry_sizes": fit.solver.sizes,
                 "astrometry_chi2_history": [h["chi2"] for h in fit.state.history],
             })
+            out["ccd_visit_constraints"] = ccd_visit_constraints(a)
+            if fit.held_out is not None:
+                out["holdout"] = self.holdout_metrics()
+        out["ccd_visits_not_fitted"] = ccd_visits_not_fitted(self.data, a, self.config)
         if self.photometry is not None:
             out.update(self.photometry.metrics())
         out["input_screening"] = dict(self.input_screening)
         out["timings"] = dict(self.timings)
         out["warnings"] = list(self.warnings)
         return out
+
+    def holdout_metrics(self) -> dict[str, Any]:
+        """Residuals of the stars held out of the astrometric fit (refitted alone on its mapping): a check
+        of over-fitting without a truth. RMS per axis in mas over measurements within 5 sigma (the others
+        count as outliers), overall, per visit and per detector-visit."""
+        a, fit = self.association, self.astrometry
+        rows = np.flatnonzero(fit.held_out)
+        visit, detector = a.visits[a.visit_index[rows]], a.detectors[a.detector_index[rows]]
+        src = self.data.sources
+        ra, dec = self.solution.pixel_to_sky(visit, detector, src.x[a.source_index[rows]], src.y[a.source_index[rows]])
+        epoch = np.asarray(fit.solver.data["epoch"])[rows]
+        sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star[rows], epoch))
+        xi, eta = (np.asarray(v) * MAS_PER_DEG for v in _sky_to_tangent(ra, dec, sra, sdec))
+        chi2 = fit.held_out_chi2[rows]
+        good = chi2 < 25.0
+        sq = (xi**2 + eta**2) / 2
+
+        def summary(sel):
+            g = sel & good
+            return {"measurements": int(sel.sum()), "outliers": int((sel & ~good).sum()),
+                    "rms_mas": float(np.sqrt(sq[g].mean())) if g.any() else None,
+                    "chi2_per_point": float(chi2[g].mean() / 2) if g.any() else None}
+
+        return {"fraction": self.config.holdout_fraction, "stars": int(np.unique(a.star[rows]).size),
+                **{f"astrometry_{k}": v for k, v in summary(np.ones(rows.size, bool)).items()},
+                "per_visit": {int(v): summary(visit == v) for v in np.unique(visit)},
+                "per_ccd_visit": [{"visit": int(v), "detector": int(d), **summary((visit == v) & (detector == d))}
+                                  for v, d in np.unique(np.stack([visit, detector], 1), axis=0).tolist()]}
 
     # -- output ----------------------------------------------------------------------------------
     def write(self, out_dir: str | Path, *, overwrite: bool = False, progress=None, protect=()) -> Path:
@@ -235,6 +270,20 @@ class FitResult:
             if progress:
                 progress(len(next(iter(part.values()))))
         self.timings["wcs_approximation_worst_rms_mas"] = worst
+
+
+def ccd_visit_constraints(a: Association) -> list[dict[str, Any]]:
+    """Per fitted detector-visit: how its mapping is constrained (measurements, those of stars seen in
+    another visit, those matched to a reference star)."""
+    k = a.ccd_visit_index
+    n_k = len(a.ccd_visits)
+    seen = np.bincount(a.star, minlength=a.n_stars)
+    has_ref = a.star_ref >= 0
+    n = np.bincount(k, minlength=n_k)
+    shared = np.bincount(k, weights=seen[a.star] >= 2, minlength=n_k)
+    ref = np.bincount(k, weights=has_ref[a.star], minlength=n_k)
+    return [{"visit": int(v), "detector": int(d), "measurements": int(n[i]), "shared_with_other_visits": int(shared[i]),
+             "with_reference": int(ref[i])} for i, (v, d) in enumerate(a.ccd_visits.tolist())]
 
 
 @brief_jit  # one program, not one per primitive (eager dispatch compiles each op for each new shape)

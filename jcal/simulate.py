@@ -90,6 +90,7 @@ class SimConfig:
     ra_deg: float = 150.0  # field centre
     dec_deg: float = 2.0
     dither_fraction: float = 0.2  # pointing offsets uniform in +- this x field width / height
+    dither_deg: float | None = None  # if set: pointing offsets uniform in +- this (deg) on both axes instead
     rotation_range_deg: float = 90.0  # sky rotation uniform in +- half this
     epoch_start: float = 2021.0  # visits evenly spread over [start, end] (decimal years)
     epoch_end: float = 2025.0
@@ -125,12 +126,18 @@ class SimConfig:
     # Photometric calibration truth.
     zero_point_sigma_mag: float = 0.1  # per visit
     detector_gain_sigma: float = 0.02  # per detector, fractional
+    # per detector linear gradient: calib x (1 + g_x u + g_y v), u, v in [-1, 1] across the detector
+    detector_gradient_sigma: float = 0.0
     field_amplitude: float = 0.01  # per-visit quadratic field, bound on |fractional change|
     # First-guess WCS: the truth perturbed, then fitted with TAN-SIP of order 3.
     wcs_shift_arcsec: tuple[float, float] = (0.5, 1.0)  # uniform magnitude, random direction
     wcs_rotation_sigma_rad: float = 2e-4
     wcs_scale_sigma: float = 2e-4
     wcs_grid: int = 10  # fit grid points per axis
+    # per-visit first-guess error on top (all detectors of a visit together, about the pointing):
+    wcs_visit_shift_arcsec: tuple[float, float] = (0.0, 0.0)  # uniform magnitude, random direction
+    wcs_visit_rotation_sigma_rad: float = 0.0
+    wcs_visit_scale_sigma: float = 0.0
 
     def __post_init__(self):
         for name in ("n_det_x", "n_det_y", "det_nx", "det_ny", "n_visits"):
@@ -140,7 +147,7 @@ class SimConfig:
             raise ValueError("SimConfig.bands must name at least one band")
         object.__setattr__(self, "bands", tuple(self.bands))
         for name in ("pm_mean_mas", "ref_position_error_mas", "outlier_offset_arcsec", "wcs_shift_arcsec",
-                     "colour_terms"):
+                     "colour_terms", "wcs_visit_shift_arcsec"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.colour_terms and len(self.colour_terms) != len(self.bands_unique):
             raise ValueError(f"SimConfig.colour_terms needs one c1 per band of {self.bands_unique}, "
@@ -200,6 +207,15 @@ PRESETS: dict[str, SimConfig] = {
     "large": SimConfig(n_det_x=10, n_det_y=10, det_nx=2048, det_ny=4096, n_visits=30, star_density=1.75e4),
     "huge": SimConfig(n_det_x=10, n_det_y=10, det_nx=2048, det_ny=4096, n_visits=100, star_density=2.6e4),
 }
+# A survey nobody tuned for (issue 14): pointings dithered by up to half the mosaic, so the outer
+# detectors of some visits share stars only with the reference catalog; first guesses off by up to
+# ~5 arcsec per visit; 3-year baseline; 1 % gross outliers; per-detector photometric gradients.
+_EDGE = dict(n_visits=10, epoch_start=2021.0, epoch_end=2024.0, outlier_fraction=0.01, detector_gradient_sigma=0.01,
+             wcs_visit_shift_arcsec=(0.5, 4.0), wcs_visit_rotation_sigma_rad=2e-4, wcs_visit_scale_sigma=2e-4)
+PRESETS["edge"] = SimConfig(n_det_x=6, n_det_y=6, det_nx=2048, det_ny=4096, star_density=1.075e5, dither_deg=0.5,
+                            **_EDGE)
+# Its small, fast variant (tests): 3 x 3 detectors of 1024 x 1024, dithers of half the mosaic.
+PRESETS["edge_small"] = SimConfig(star_density=1.8e5, dither_deg=0.09, **_EDGE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +418,7 @@ class Truth:
     stars: TrueStars
     measurements: TrueMeasurements
     ccd_visits: TrueCcdVisits
+    detector_gradient: np.ndarray | None = None  # float64 (d, 2) (g_x, g_y), see `_detector_gradient`; None: 0
 
     # Index lookups -------------------------------------------------------------------------
     def visit_index(self, visit) -> np.ndarray:
@@ -462,7 +479,9 @@ class Truth:
         vi, di = self.visit_index(visit), self.detector_index(detector)
         r = self.config.field_radius_mm
         field = _field(self.field_coeffs[vi], fx / r, fy / r)
-        return self.calib_scale * 10.0 ** (0.4 * self.zero_point_offset[vi]) * self.detector_gain[di] * (1.0 + field)
+        slope = _detector_gradient(self.config, self.detector_gradient, di, x, y)
+        return (self.calib_scale * 10.0 ** (0.4 * self.zero_point_offset[vi]) * self.detector_gain[di] * (1.0 + field)
+                * slope)
 
 
 @dataclass(frozen=True)
@@ -521,8 +540,10 @@ def _make_visits(cfg: SimConfig, rng: np.random.Generator, k_dist: float):
     nv = cfg.n_visits
     hx, hy = cfg.half_size_mm
     s = cfg.plate_scale
-    dxi = rng.uniform(-1, 1, nv) * cfg.dither_fraction * 2 * hx * s
-    deta = rng.uniform(-1, 1, nv) * cfg.dither_fraction * 2 * hy * s
+    reach_x, reach_y = ((cfg.dither_fraction * 2 * hx * s, cfg.dither_fraction * 2 * hy * s)
+                        if cfg.dither_deg is None else (cfg.dither_deg, cfg.dither_deg))
+    dxi = rng.uniform(-1, 1, nv) * reach_x
+    deta = rng.uniform(-1, 1, nv) * reach_y
     ra, dec = inverse_tangent_plane(dxi, deta, cfg.ra_deg, cfg.dec_deg)
     rot = rng.uniform(-0.5, 0.5, nv) * cfg.rotation_range_deg
     epochs = np.linspace(cfg.epoch_start, cfg.epoch_end, nv) if nv > 1 else np.array([cfg.epoch_start])
@@ -672,6 +693,8 @@ def _first_guess_wcs(cfg, vi, pra, pdec, polys, affine, rng):
     dxi, deta = xi - xi[:, :1], eta - eta[:, :1]
     pxi = xi[:, :1] + scale * (np.cos(rot) * dxi - np.sin(rot) * deta) + (shift * np.cos(ang))[:, None]
     peta = eta[:, :1] + scale * (np.sin(rot) * dxi + np.cos(rot) * deta) + (shift * np.sin(ang))[:, None]
+    if cfg.wcs_visit_shift_arcsec[1] > 0 or cfg.wcs_visit_rotation_sigma_rad > 0 or cfg.wcs_visit_scale_sigma > 0:
+        pxi, peta = _visit_error(cfg, rng, pxi, peta)  # drawn only when asked: other presets unchanged
     pra_, pdec_ = inverse_tangent_plane(pxi, peta, pra[vi], pdec[vi])
     crval = np.stack([pra_[:, 0], pdec_[:, 0]], axis=1)
     # Fit the perturbed map, re-projected about CRVAL, by a cubic in (u, v) = pixel - centre
@@ -700,6 +723,25 @@ def _first_guess_wcs(cfg, vi, pra, pdec, polys, affine, rng):
     return crval, cd, sip, np.sqrt(np.mean(sep ** 2, axis=1)), sep.max(axis=1)
 
 
+def _visit_error(cfg: SimConfig, rng: np.random.Generator, xi, eta):
+    """One shift, rotation and scale error for a whole visit, about its pointing (tangent plane, deg)."""
+    lo, hi = cfg.wcs_visit_shift_arcsec
+    shift, ang = rng.uniform(lo, hi) / 3600.0, rng.uniform(0, 2 * np.pi)
+    rot = rng.normal(0, cfg.wcs_visit_rotation_sigma_rad)
+    scale = 1 + rng.normal(0, cfg.wcs_visit_scale_sigma)
+    c, s = scale * np.cos(rot), scale * np.sin(rot)
+    return c * xi - s * eta + shift * np.cos(ang), s * xi + c * eta + shift * np.sin(ang)
+
+
+def _detector_gradient(cfg: SimConfig, gradient, det, x, y):
+    """1 + g_x u + g_y v, (u, v) = pixel normalised to [-1, 1] across the detector."""
+    if gradient is None:
+        return 1.0
+    u = (x - (cfg.det_nx - 1) / 2) / (cfg.det_nx / 2)
+    v = (y - (cfg.det_ny - 1) / 2) / (cfg.det_ny / 2)
+    return 1.0 + gradient[det, 0] * u + gradient[det, 1] * v
+
+
 def _tan_sip(cfg: SimConfig, crval, cd, sip) -> WCS:
     wcs = WCS(naxis=2)
     wcs.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
@@ -714,7 +756,7 @@ def _tan_sip(cfg: SimConfig, crval, cd, sip) -> WCS:
 
 def simulate(config: SimConfig | str = "small", seed: int = 0, **overrides) -> Simulation:
     """Simulate a data set. `config`: a `SimConfig` or a preset name from `PRESETS`
-    ("tiny", "small", "medium", "large", "huge"); keyword `overrides` replace config fields,
+    ("tiny", "small", "medium", "large", "huge", "edge", "edge_small"); keyword `overrides` replace config fields,
     e.g. ``simulate("tiny", n_visits=6)``. Same config and seed give identical output."""
     cfg = _resolve_config(config, overrides)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)]
@@ -734,13 +776,15 @@ def simulate(config: SimConfig | str = "small", seed: int = 0, **overrides) -> S
     # 5 linear + quadratic terms on |coords| <= 1, each within amplitude / 5: |field| <= amplitude.
     field[:, 1:6] = rng_cal.uniform(-1, 1, (cfg.n_visits, 5)) * cfg.field_amplitude / 5
     calib_scale = 10 ** (0.4 * (AB_ZERO_POINT_NJY - cfg.instrumental_zero_point))
+    gradient = (rng_cal.normal(0, cfg.detector_gradient_sigma, (cfg.n_detectors, 2))
+                if cfg.detector_gradient_sigma > 0 else None)
 
     def calib(vi, det, x, y):
         a = affine[det]
         fx = a[..., 0, 0] + a[..., 0, 1] * x + a[..., 0, 2] * y
         fy = a[..., 1, 0] + a[..., 1, 1] * x + a[..., 1, 2] * y
         f = _field(field[vi], fx / r_max, fy / r_max)
-        return calib_scale * 10 ** (0.4 * zp_offset[vi]) * gain[det] * (1 + f)
+        return calib_scale * 10 ** (0.4 * zp_offset[vi]) * gain[det] * (1 + f) * _detector_gradient(cfg, gradient, det, x, y)
 
     # Sky: the cap must hold every star any visit can see (field + dither + rotation + margin).
     field_radius_deg = cfg.plate_scale * r_max * (1 + abs(k_dist) * r_max ** 2) * 1.02 + 10 / 3600
@@ -797,7 +841,8 @@ def simulate(config: SimConfig | str = "small", seed: int = 0, **overrides) -> S
     truth = Truth(config=cfg, visit=visit_ids, pointing_ra=pra, pointing_dec=pdec, rotation_deg=rot,
                   visit_poly=polys, detector=detector_ids, detector_affine=affine, distortion_k=float(k_dist),
                   calib_scale=float(calib_scale), zero_point_offset=zp_offset, detector_gain=gain,
-                  field_coeffs=field, stars=stars, measurements=measurements, ccd_visits=true_ccd)
+                  field_coeffs=field, stars=stars, measurements=measurements, ccd_visits=true_ccd,
+                  detector_gradient=gradient)
     return Simulation(data=data, truth=truth, config=cfg, seed=seed)
 
 
@@ -844,6 +889,8 @@ def write_simulation(sim: Simulation, path: str | os.PathLike, overwrite: bool =
         })
         _write_parquet(tdir / "detectors.parquet", {
             "detector": t.detector, "gain": t.detector_gain,
+            **({} if t.detector_gradient is None else {"gradient_x": t.detector_gradient[:, 0],
+                                                        "gradient_y": t.detector_gradient[:, 1]}),
             **{f"affine_{a}{k}": t.detector_affine[:, a, k] for a in range(2) for k in range(3)},
         })
         (tdir / "config.json").write_text(json.dumps({
@@ -881,7 +928,8 @@ def read_truth(path: str | os.PathLike) -> Truth:
                  distortion_k=meta["distortion_k"], calib_scale=meta["calib_scale"],
                  zero_point_offset=vs["zero_point_offset"], detector_gain=ds["gain"], field_coeffs=field,
                  stars=stars, measurements=TrueMeasurements(**cols("measurements.parquet")),
-                 ccd_visits=TrueCcdVisits(**cols("calibration.parquet")))
+                 ccd_visits=TrueCcdVisits(**cols("calibration.parquet")),
+                 detector_gradient=np.stack([ds["gradient_x"], ds["gradient_y"]], 1) if "gradient_x" in ds else None)
 
 
 if __name__ == "__main__":  # quick size/timing table: python -m jcal.simulate [preset ...]

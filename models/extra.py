@@ -84,6 +84,9 @@ class RadialAstrometry(TangentPlaneAstrometry):
     def tangent(self, x, y):
         return self.visit(*self.radial(*self.chip(x, y)))
 
+    def sip_order(self) -> int:
+        return max(5, self.chip.inner.order * self.visit.inner.order)  # r^5 through the visit map
+
     def fix_gauge(self, mask):
         mask = _zero_where(mask, lambda m: m.chip.inner.coeffs, self.reference_detector)
         order = self.visit.inner.order

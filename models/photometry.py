@@ -44,7 +44,7 @@ from equinox import AbstractClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .basis import basis_2d
+from .basis import basis_2d, n_terms
 from .core import AbstractForm, Grouped, fixed_field, namespace
 from .registry import register
 
@@ -71,10 +71,22 @@ class ChebyshevField(eqx.Module):
     half_width: Float[Array, "2"] = fixed_field()
     order: int = fixed_field(static=True)
 
-    def __call__(self, x, y):
+    def basis(self, x, y):
         u = (x - self.center[0]) / self.half_width[0]
         v = (y - self.center[1]) / self.half_width[1]
-        return basis_2d(u, v, self.order, "chebyshev", xp=namespace(u, v, self.coeffs)) @ self.coeffs
+        return basis_2d(u, v, self.order, "chebyshev", xp=namespace(u, v, self.coeffs))
+
+    def __call__(self, x, y):
+        return self.basis(x, y) @ self.coeffs
+
+
+@register
+class DetectorField(ChebyshevField):
+    """As `ChebyshevField` over 1 <= i + j <= order: a field over one detector's pixels without its
+    constant (that is the detector's `Constant`); `coeffs` has n_terms(order) - 1 entries."""
+
+    def __call__(self, x, y):
+        return self.basis(x, y)[1:] @ self.coeffs
 
 
 class PhotometricTransform(AbstractForm):
@@ -132,20 +144,36 @@ class _Constrained(PhotometricTransform):
     detector: Grouped  # Constant, by "band_detector"
     visit: Grouped  # ChebyshevField, by "visit"
     reference_detectors: tuple[int, ...] = eqx.field(static=True, default=(0,))  # held (gauge), one per band
+    # optional DetectorField by "band_detector": each detector's own spatial terms (e.g. a gradient)
+    detector_field: Grouped | None = None
 
     def fix_gauge(self, mask):
-        """Hold the reference detector constants (one per band): removes the detector/visit degeneracy.
+        """Hold the reference detector constants (one per band), and their own fields: removes the
+        detector/visit degeneracies (a visit field's constant and, with detector fields, its linear
+        terms could otherwise move into every detector of the band).
 
         `mask` is a 0/1 pytree shaped like the fitted parameters; returns it updated.
         """
+        refs = jnp.asarray(self.reference_detectors, dtype=jnp.int32)
         value = mask.detector.inner.value
-        held = value.at[jnp.asarray(self.reference_detectors, dtype=jnp.int32)].set(0.0)
-        return eqx.tree_at(lambda m: m.detector.inner.value, mask, held)
+        mask = eqx.tree_at(lambda m: m.detector.inner.value, mask, value.at[refs].set(0.0))
+        if self.detector_field is not None and mask.detector_field is not None:
+            coeffs = mask.detector_field.inner.coeffs
+            mask = eqx.tree_at(lambda m: m.detector_field.inner.coeffs, mask, coeffs.at[refs].set(0.0))
+        return mask
 
     def first_stage(self, mask):
         """The first fitting stage frees only the visit fields (jointcal's "ModelVisit")."""
         value = mask.detector.inner.value
-        return eqx.tree_at(lambda m: m.detector.inner.value, mask, jnp.zeros_like(value))
+        mask = eqx.tree_at(lambda m: m.detector.inner.value, mask, jnp.zeros_like(value))
+        if self.detector_field is not None and mask.detector_field is not None:
+            coeffs = mask.detector_field.inner.coeffs
+            mask = eqx.tree_at(lambda m: m.detector_field.inner.coeffs, mask, jnp.zeros_like(coeffs))
+        return mask
+
+    def detector_term(self, x, y):
+        """The detector's own field at the pixel (0 without detector fields)."""
+        return 0.0 if self.detector_field is None else self.detector_field(x, y)
 
     def focal_position(self, x, y):
         return self.focal(x, y)
@@ -158,7 +186,7 @@ class ConstrainedFlux(_Constrained):
 
     def __call__(self, x, y):
         fx, fy = self.focal(x, y)
-        return self.detector(x, y) * self.visit(fx, fy)
+        return self.detector(x, y) * (1.0 + self.detector_term(x, y)) * self.visit(fx, fy)
 
 
 class ConstrainedMagnitude(_Constrained):
@@ -168,7 +196,7 @@ class ConstrainedMagnitude(_Constrained):
 
     def __call__(self, x, y):
         fx, fy = self.focal(x, y)
-        return self.detector(x, y) + self.visit(fx, fy)
+        return self.detector(x, y) + self.detector_term(x, y) + self.visit(fx, fy)
 
 
 @register
@@ -292,8 +320,19 @@ def simple_magnitude(zero_points: Float[Array, "ccd_visits"]) -> SimpleMagnitude
     return SimpleMagnitude(ccd_visit=_constants(zero_points, "ccd_visit"))
 
 
+def detector_field(n_band_detectors: int, center, half_width, order: int) -> Grouped | None:
+    """Zero `DetectorField`s of `order` (None for order 0), one per band-detector; `center`,
+    `half_width` (band_detectors, 2) normalise each detector's pixels to [-1, 1]^2."""
+    if order == 0:
+        return None
+    return Grouped(DetectorField(coeffs=jnp.zeros((n_band_detectors, n_terms(order) - 1)),
+                                 center=jnp.asarray(center, dtype=jnp.float64),
+                                 half_width=jnp.asarray(half_width, dtype=jnp.float64), order=order),
+                   by="band_detector")
+
+
 def _constrained(cls, focal: Grouped, detector_values, visit_coeffs, focal_center, focal_half_width,
-                 order: int, reference_detectors):
+                 order: int, reference_detectors, detector_fields: Grouped | None = None):
     if focal.by != "detector":
         raise ValueError(f"the focal-plane map must be grouped by 'detector', not {focal.by!r}")
     visit = Grouped(ChebyshevField(coeffs=jnp.asarray(visit_coeffs, dtype=jnp.float64),
@@ -301,23 +340,26 @@ def _constrained(cls, focal: Grouped, detector_values, visit_coeffs, focal_cente
                                    half_width=jnp.asarray(focal_half_width, dtype=jnp.float64), order=order),
                     by="visit")
     return cls(focal=focal, detector=_constants(detector_values, "band_detector"), visit=visit,
-               reference_detectors=tuple(int(r) for r in reference_detectors))
+               reference_detectors=tuple(int(r) for r in reference_detectors), detector_field=detector_fields)
 
 
 def constrained_flux(focal: Grouped, detector_scales, visit_coeffs, focal_center, focal_half_width, order: int,
-                     reference_detectors=(0,)) -> ConstrainedFlux:
+                     reference_detectors=(0,), detector_fields: Grouped | None = None) -> ConstrainedFlux:
     """`focal`: pixel -> focal plane, Grouped by "detector"; `detector_scales` (band_detectors,);
     `visit_coeffs` (visits, n_terms(order)) Chebyshev coefficients in nJy/count; `focal_center`,
-    `focal_half_width` (visits, 2) normalise the focal plane to [-1, 1]^2."""
+    `focal_half_width` (visits, 2) normalise the focal plane to [-1, 1]^2; `detector_fields` (from
+    `detector_field`): optional relative spatial terms of each detector (c = s_d (1 + g_d) F_v)."""
     return _constrained(ConstrainedFlux, focal, detector_scales, visit_coeffs, focal_center, focal_half_width,
-                        order, reference_detectors)
+                        order, reference_detectors, detector_fields)
 
 
 def constrained_magnitude(focal: Grouped, detector_offsets, visit_coeffs, focal_center, focal_half_width,
-                          order: int, reference_detectors=(0,)) -> ConstrainedMagnitude:
-    """As `constrained_flux`, in magnitudes: detector offsets and visit fields add up to the zero point."""
+                          order: int, reference_detectors=(0,),
+                          detector_fields: Grouped | None = None) -> ConstrainedMagnitude:
+    """As `constrained_flux`, in magnitudes: detector offsets (+ their fields) and visit fields add up
+    to the zero point."""
     return _constrained(ConstrainedMagnitude, focal, detector_offsets, visit_coeffs, focal_center,
-                        focal_half_width, order, reference_detectors)
+                        focal_half_width, order, reference_detectors, detector_fields)
 
 
 FORMS = {"simple_flux": SimpleFlux, "simple_magnitude": SimpleMagnitude,

@@ -261,8 +261,10 @@ def test_error_visits_do_not_overlap():
 def test_error_min_measurements_unreachable():
     ra, dec = three_stars()
     data = make_data({1: (ra, dec), 2: (ra, dec)}, ra, dec)
-    with pytest.raises(InputError, match="min_measurements = 3"):
-        associate(data, FitConfig(min_measurements=3))
+    with pytest.raises(InputError, match="min_measurements = 3 detections"):
+        associate(data, FitConfig(min_measurements=3, reference_counts=False))
+    with pytest.raises(InputError, match="min_measurements = 4 points"):  # 2 detections + the reference star
+        associate(data, FitConfig(min_measurements=4))
 
 
 def test_error_wcs_misses_the_reference_catalog():

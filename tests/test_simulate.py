@@ -56,7 +56,7 @@ def test_reproducible_with_seed(sim):
 
 
 def test_overrides_and_presets():
-    assert set(PRESETS) == {"tiny", "small", "medium", "large", "huge"}
+    assert set(PRESETS) == {"tiny", "small", "medium", "large", "huge", "edge", "edge_small"}
     s = simulate("tiny", n_visits=2, seed=1)
     assert len(s.data.visits) == 2
     with pytest.raises(ValueError, match="unknown preset"):

@@ -29,7 +29,7 @@ def fitted(tmp_path_factory):
 # -- config ---------------------------------------------------------------------------------------
 def test_bad_values_name_field_and_allowed():
     c = JointcalConfig()
-    with pytest.raises(FieldValidationError, match=r"'astrometryModel'.*\['constrained', 'simple'\]"):
+    with pytest.raises(FieldValidationError, match=r"'astrometryModel'.*\['radial', 'constrained', 'simple'\]"):
         c.astrometryModel = "fancy"
     with pytest.raises(FieldValidationError, match=r"'astrometryVisitOrder'.*\[1, 12\]"):
         c.astrometryVisitOrder = 0

@@ -17,6 +17,7 @@ error when both exist.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -30,12 +31,13 @@ import numpy as np
 import jcal_models as jm
 from jcal_models import MAS, Stars, sky_to_tangent
 
-from ..associate import Association
+from ..associate import _ARCSEC, Association, _match_references, associate
 from ..sky import unit_vectors
 from ..config import FitConfig
 from ..data import InputData, InputError
 from ..jax_setup import ensure_configured
 from ..solver import FitState, SingularSystemError, Solver, StructuredProblem, implicit_function, small_linalg
+from ..solution import AstrometricSolution
 from ..solver.compile import brief_jit
 from ..solver.gauss_newton import unflatten_stars
 from .initialise import initial_astrometric_model
@@ -100,11 +102,21 @@ class AstrometryFit:
     chi2: float
     ndof: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # validation: (m,) bool measurements held out of the fit, and their chi2 (stars refitted alone on
+    # the final mapping); None when nothing was held out
+    held_out: np.ndarray | None = None
+    held_out_chi2: np.ndarray | None = None
 
     @property
     def weights(self) -> np.ndarray:
-        """(n,) 1 for measurements used, 0 for rejected outliers (association order)."""
+        """(n,) 1 for measurements used, 0 for rejected outliers and held-out ones (association order)."""
         return self.state.weights[: self.solver.n_real]
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """(n,) True for measurements rejected as outliers (held-out ones are not)."""
+        out = self.weights == 0
+        return out if self.held_out is None else out & ~self.held_out
 
     def chi2_per_measurement(self) -> np.ndarray:
         return self.solver.chi2(self.state)[0]
@@ -158,14 +170,20 @@ def _reference_data(data: InputData, assoc: Association, config: FitConfig, epoc
     err_dec = config.reference_error_mas if config.reference_error_mas is not None else ref.dec_err[r]
     n = len(has)
     has_pm = has & ref.has_proper_motion[r]
+    # the prior of stars without a catalog proper motion is centred on the matched reference stars'
+    # median motion: centred on 0, it biases every faint star the same way (the survey's mean motion),
+    # and with them each visit's mapping by (epoch - mean epoch) x that bias
+    centre = [float(np.median(ref.pmra[r][has_pm])), float(np.median(ref.pmdec[r][has_pm]))] if has_pm.any() \
+        else [0.0, 0.0]
     star_data = {
         "ra": np.where(has, ref.ra[r], assoc.star_ra),
         "dec": np.where(has, ref.dec[r], assoc.star_dec),
         "epoch": np.where(has, ref.epoch[r], epoch0),
         "position_err": np.stack([np.broadcast_to(err_ra, n), np.broadcast_to(err_dec, n)], 1) * MAS,
         "has_ref": has.astype(float),
-        "pm": np.stack([np.where(has_pm, ref.pmra[r], 0.0), np.where(has_pm, ref.pmdec[r], 0.0)], 1) * MAS,
-        # stars without a catalog proper motion get a broad prior around 0: a star seen at two
+        "pm": np.stack([np.where(has_pm, ref.pmra[r], centre[0]), np.where(has_pm, ref.pmdec[r], centre[1])],
+                       1) * MAS,
+        # stars without a catalog proper motion get a broad prior (around `centre`): a star seen at two
         # epochs then still constrains the mapping, with its motion's uncertainty accounted for
         "pm_err": np.stack([np.where(has_pm, ref.pmra_err[r], config.pm_prior_mas_yr),
                             np.where(has_pm, ref.pmdec_err[r], config.pm_prior_mas_yr)], 1) * MAS,
@@ -201,6 +219,7 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     epoch = np.array([visit_epoch[v] for v in assoc.visits])[assoc.visit_index]
     epoch0 = float(np.round(np.mean(epoch), 3))
     proper_motion = _proper_motion_wanted(data, assoc, config)
+    user_model = model is not None
     if model is None:
         model = initial_astrometric_model(data, assoc, config)
     stars = _initial_stars(data, assoc, epoch0, proper_motion)
@@ -225,7 +244,10 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
     mapping_mask = solver.mapping_mask(model.fix_gauge(ones))
     star_mask = np.ones((solver.stars_real, 4 if proper_motion else 2))
 
-    state = solver.new_state(model, stars, np.ones(solver.n_real), np.maximum(has_ref, proper_motion).astype(float))
+    held_star = holdout_stars(assoc, has_ref, config.holdout_fraction)
+    held = held_star[assoc.star]
+    state = solver.new_state(model, stars, (~held).astype(float),
+                             np.maximum(has_ref, proper_motion) * ~held_star)  # held out: never in the fit
     stage_seconds: dict[str, float] = {}
 
     whitened_for = [None]  # the mapping the current whitening was computed with
@@ -291,11 +313,99 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
         state, lambda st: refit(st, "all", True), lambda st: refit(st, "stars", False),
         lambda st: star_mask, n_sigma=config.outlier_sigma, min_measurements=config.min_measurements,
         max_rounds=config.max_outlier_rounds, label="astrometry")
+    held_chi2 = None
+    if held.any():
+        t0 = time.perf_counter()
+        state, held_chi2 = _fit_held_out(solver, state, held, held_star, proper_motion, star_mask, config)
+        stage_seconds["held_out"] = time.perf_counter() - t0
     c_m, c_s = solver.chi2(state)
     ndof = solver.ndof(state, mapping_mask, star_mask)
     stage_seconds["total"] = time.perf_counter() - t_start
-    return AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask, index,
-                         float(c_m.sum() + c_s.sum()), ndof, stage_seconds)
+    fit = AstrometryFit(state.mapping, solver.real_stars(state.stars), assoc, solver, state, mapping_mask, star_mask,
+                        index, float(c_m.sum() + c_s.sum()), ndof, stage_seconds, held if held.any() else None,
+                        held_chi2)
+    if not user_model and config.rematch_rounds > 0:
+        gain = missed_reference_matches(data, fit, config)
+        if gain > REMATCH_GAIN * max(int(has_ref.sum()), 1):  # bounded: one round fewer each time
+            log.info("astrometry: the fitted stars match %d more reference stars: associating again through "
+                     "the fitted map and refitting", gain)
+            new = associate(data, config, project=fitted_projector(data, fit))
+            again = fit_astrometry(data, new, config.replace(rematch_rounds=config.rematch_rounds - 1),
+                                   mapping_filter=mapping_filter, progress=progress)
+            again.stage_seconds["before_rematch"] = time.perf_counter() - t_start - again.stage_seconds["total"]
+            again.stage_seconds["total"] = time.perf_counter() - t_start
+            return again
+    return fit
+
+
+REMATCH_GAIN = 0.01  # re-associate when the fitted stars would match this fraction more reference stars
+
+
+def missed_reference_matches(data: InputData, fit: "AstrometryFit", config: FitConfig) -> int:
+    """How many more of the fitted stars (at their fitted positions) match a reference star than the
+    association matched: a first guess too poor for matching shows here."""
+    assoc = fit.association
+    pos = jax.vmap(lambda s, t: s.position(t))(fit.stars, jnp.asarray(assoc.star_epoch))
+    xyz = unit_vectors(np.asarray(pos[0]), np.asarray(pos[1]))
+    ref = data.refcat
+    star_ref, _ = _match_references(xyz, assoc.star_epoch, unit_vectors(ref.ra, ref.dec), ref.epoch, ref.pmra,
+                                    ref.pmdec, config.ref_match_radius_arcsec * _ARCSEC)
+    return int(np.sum(star_ref >= 0) - np.sum(assoc.star_ref >= 0))
+
+
+def fitted_projector(data: InputData, fit: "AstrometryFit"):
+    """`jcal.associate`'s `project`: sky positions through the fitted map where it has one, else
+    through the first-guess WCS (corrected by the association's alignment)."""
+    a = fit.association
+    solution = AstrometricSolution(fit.model, a.visits, a.detectors, a.ccd_visits)
+    fitted = {tuple(k) for k in solution.ccd_visits.tolist()}
+    alignment = a.alignment
+
+    def project(rows, visit, detector):
+        ra, dec = np.full(rows.size, np.nan), np.full(rows.size, np.nan)
+        on = np.array([(v, d) in fitted for v, d in zip(visit.tolist(), detector.tolist())], bool)
+        if on.any():
+            ra[on], dec[on] = solution.pixel_to_sky(visit[on], detector[on], data.sources.x[rows[on]],
+                                                    data.sources.y[rows[on]])
+        for v, d in {(int(v), int(d)) for v, d in zip(visit[~on], detector[~on])}:
+            sel = np.flatnonzero(~on & (visit == v) & (detector == d))
+            ra[sel], dec[sel] = data.ccd_visits[(v, d)].wcs.all_pix2world(data.sources.x[rows[sel]],
+                                                                          data.sources.y[rows[sel]], 0)
+            if alignment is not None:
+                ra[sel], dec[sel] = alignment.apply_one(v, d, ra[sel], dec[sel])
+        return ra, dec
+
+    return project
+
+
+HOLDOUT_MIN_MEASUREMENTS = 3  # a held-out star needs this many detections (its own fit leaves residuals)
+
+
+def holdout_stars(assoc: Association, has_ref: np.ndarray, fraction: float) -> np.ndarray:
+    """(S,) bool: a reproducible `fraction` of the stars without a reference star and with at least
+    HOLDOUT_MIN_MEASUREMENTS detections, held out of the fit to validate it."""
+    held = np.zeros(assoc.n_stars, bool)
+    eligible = np.flatnonzero(~has_ref & (np.bincount(assoc.star, minlength=assoc.n_stars)
+                                          >= HOLDOUT_MIN_MEASUREMENTS))
+    n = int(round(fraction * eligible.size))
+    if n:
+        held[np.random.default_rng(20140).choice(eligible, n, replace=False)] = True
+    return held
+
+
+def _fit_held_out(solver: Solver, state: FitState, held: np.ndarray, held_star: np.ndarray, proper_motion: bool,
+                  star_mask: np.ndarray, config: FitConfig) -> tuple[FitState, np.ndarray]:
+    """Fit the held-out stars alone on the final mapping; returns the state (held-out measurements
+    still out of chi2 and ndof) and the (m,) chi2 of every measurement as the held-out stars see it."""
+    trial = dataclasses.replace(state, weights=solver.pad_measurements(held.astype(float)),
+                                star_weights=solver.pad_stars(held_star * float(proper_motion)), unusable=None,
+                                history=list(state.history))
+    trial = solver.run_stage(trial, "held_out", fit_mapping=False, fit_stars=True,
+                             mapping_mask=np.zeros(solver.layout.size), star_mask=star_mask,
+                             max_iterations=config.max_iterations, tolerance=config.tolerance,
+                             line_search=config.line_search)
+    chi2 = solver.chi2(trial)[0]
+    return dataclasses.replace(state, stars=trial.stars), np.where(held, chi2, np.nan)
 
 
 def _references_constrain_every_group(solver: Solver, index, weights) -> bool:

@@ -43,6 +43,8 @@ def _samples(data: InputData, assoc: Association, ra0, dec0):
         cv = data.ccd_visits[(int(v), int(d))]
         x, y = _sample_grid(cv.nx, cv.ny)
         ra, dec = cv.wcs.all_pix2world(x, y, 0)
+        if assoc.alignment is not None:  # the first guess as association corrected it
+            ra, dec = assoc.alignment.apply_one(int(v), int(d), ra, dec)
         xi, eta = sky_to_tangent(ra, dec, ra0[vi], dec0[vi], xp=np)
         out.append((k, vi, int(np.searchsorted(assoc.detectors, d)), x, y, xi, eta))
     return out
@@ -73,7 +75,10 @@ def initial_astrometric_model(data: InputData, assoc: Association, config: FitCo
         for (k, vi, di, x, y, xi, eta) in samples:
             coeffs[k] = _lstsq(Polynomial.design(x, y, chip_center[di], chip_half[di], order), xi, eta)
         return jm.simple_astrometry(coeffs, centers, halves, order, ra0, dec0)
-    return _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0)
+    model = _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0)
+    if config.astrometry_model == "radial":  # the shared distortion starts at 0; the fit finds it
+        return jm.extra.radial_astrometry(model)
+    return model
 
 
 def _constrained(samples, assoc, config, chip_center, chip_half, ra0, dec0):

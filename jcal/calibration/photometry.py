@@ -95,8 +95,8 @@ import pyarrow.parquet as pq
 import jcal_models as jm
 from jcal_models.photometry import (AB_ZERO_POINT_NJY, ColourTerms, ConstrainedFlux, ConstrainedMagnitude,
                                     PhotometricStars, PhotometricTransform, WithColourTerms, base_form,
-                                    colour_terms, constrained_flux, constrained_magnitude, freeze_colour_slope,
-                                    simple_flux, simple_magnitude)
+                                    colour_terms, constrained_flux, constrained_magnitude, detector_field,
+                                    freeze_colour_slope, simple_flux, simple_magnitude)
 
 from ..associate import Association
 from ..sky import unit_vectors
@@ -809,6 +809,15 @@ def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
     return center, half
 
 
+def _detector_fields(data: InputData, assoc: Association, bd_detector: np.ndarray, order: int):
+    """Zero detector fields of `order` over each band-detector's pixels (None for order 0)."""
+    size = {}
+    for (v, d), cv in data.ccd_visits.items():
+        size.setdefault(int(d), (cv.nx, cv.ny))
+    nxy = np.array([size[int(d)] for d in assoc.detectors[bd_detector]], float).reshape(-1, 2)
+    return detector_field(len(bd_detector), (nxy - 1) / 2, nxy / 2, order)
+
+
 def _median_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
     """Median of `values` per group in [0, n); NaN for empty groups."""
     out = np.full(n, np.nan)
@@ -853,8 +862,9 @@ def _reference_detectors(bd_band: np.ndarray, k_group: np.ndarray, bd_index: np.
 
 def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarray, assoc: Association,
                               bd_index, bd_band, bd_detector, visit_band, n_bands, focal=None, focal_center=None,
-                              focal_half=None, order: int = 7) -> PhotometricTransform:
-    """Starting model from per detector-visit and per visit first-guess calibrations."""
+                              focal_half=None, order: int = 7, detector_fields=None) -> PhotometricTransform:
+    """Starting model from per detector-visit and per visit first-guess calibrations (`detector_fields`:
+    zero `jcal_models.detector_field`s, or None, for constrained forms)."""
     if form == "simple_flux":
         return simple_flux(calib_k)
     if form == "simple_magnitude":
@@ -876,9 +886,10 @@ def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarra
     center, half = np.tile(focal_center, (len(assoc.visits), 1)), np.tile(focal_half, (len(assoc.visits), 1))
     if form == "constrained_flux":
         coeffs[:, 0] = np.exp(log_visit)
-        return constrained_flux(focal, np.exp(factor), coeffs, center, half, order, refs)
+        return constrained_flux(focal, np.exp(factor), coeffs, center, half, order, refs, detector_fields)
     coeffs[:, 0] = AB_ZERO_POINT_NJY - 2.5 * log_visit / np.log(10.0)
-    return constrained_magnitude(focal, -2.5 * factor / np.log(10.0), coeffs, center, half, order, refs)
+    return constrained_magnitude(focal, -2.5 * factor / np.log(10.0), coeffs, center, half, order, refs,
+                                 detector_fields)
 
 
 def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: np.ndarray) -> np.ndarray:
@@ -897,7 +908,27 @@ def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: n
 
 def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astrometry=None, *,
                    model: PhotometricTransform | None = None, mapping_filter=None, progress=None) -> PhotometryFit:
-    """Staged Gauss-Newton photometric fit with outlier rejection (jointcal's recipe, vectorised).
+    """Staged Gauss-Newton photometric fit with outlier rejection (jointcal's recipe, vectorised), see
+    `_fit_photometry`; detector fields consistent with 0 are dropped and the fit redone without them
+    (`detector_fields_significant`)."""
+    fit = _fit_photometry(data, assoc, config, astrometry, model=model, mapping_filter=mapping_filter,
+                          progress=progress)
+    if model is None and config.photometry_detector_order > 0 and not detector_fields_significant(fit):
+        log.info("photometry: the detector fields are consistent with 0: refitting without them")
+        # from the fitted model less its detector fields: the rest is nearly converged already
+        start = fit.model
+        if isinstance(start, WithColourTerms):
+            start = dataclasses.replace(start, base=dataclasses.replace(start.base, detector_field=None))
+        else:
+            start = dataclasses.replace(start, detector_field=None)
+        fit = _fit_photometry(data, assoc, config.replace(photometry_detector_order=0), astrometry, model=start,
+                              mapping_filter=mapping_filter, progress=progress)
+    return fit
+
+
+def _fit_photometry(data: InputData, assoc: Association, config: FitConfig, astrometry=None, *,
+                    model: PhotometricTransform | None = None, mapping_filter=None, progress=None) -> PhotometryFit:
+    """The photometric fit of `fit_photometry`.
 
     astrometry: an `AstrometryFit` whose model's chip part gives focal-plane positions (optional).
     model: a starting model of any photometric form (default: built from the data as
@@ -982,8 +1013,10 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
         if form.startswith("constrained"):
             focal = focal_plane_map(data, assoc, config, astrometry)
             center, half = _focal_domain(data, assoc, focal)
+        fields = (_detector_fields(data, assoc, bd_detector, config.photometry_detector_order)
+                  if form.startswith("constrained") else None)
         model = initial_photometric_model(form, calib_k, calib_v, assoc, bd_index, bd_band, bd_detector, visit_band,
-                                          n_bands, focal, center, half, config.photometry_visit_order)
+                                          n_bands, focal, center, half, config.photometry_visit_order, fields)
     if terms is not None and not isinstance(model, WithColourTerms):
         model = WithColourTerms(model, terms)
     if isinstance(model, WithColourTerms) and mapping_filter is None and not any(model.colour.fitted):
@@ -1131,6 +1164,31 @@ def fit_photometry(data: InputData, assoc: Association, config: FitConfig, astro
                      t["primary"], t["secondary"])
     _check_field(fit)
     return fit
+
+
+DETECTOR_FIELD_SIGMA = 5.0  # detector fields are kept when they differ from 0 at this significance
+
+
+def detector_fields_significant(fit: PhotometryFit) -> bool:
+    """Whether the fitted detector fields (all together) differ from zero beyond noise: chi2 of their
+    coefficients under their covariance against its dof + DETECTOR_FIELD_SIGMA sqrt(2 dof). Where they
+    do not, they only add variance (they nearly trade with the visit fields' higher orders)."""
+    model = fit.model
+    where = ((lambda m: m.base.detector_field.inner.coeffs) if isinstance(model, WithColourTerms)
+             else (lambda m: m.detector_field.inner.coeffs))
+    if getattr(base_form(model), "detector_field", None) is None:
+        return True
+    params, _ = eqx.partition(model, fit.solver.mapping_filter)
+    chosen = jax.tree.map(jnp.zeros_like, params)
+    chosen = eqx.tree_at(where, chosen, jnp.ones_like(where(chosen)))
+    sel = (fit.solver.mapping_mask(chosen) * np.asarray(fit.mapping_mask)) > 0
+    if not sel.any():
+        return True
+    g = np.asarray(fit.solver.layout.flatten(params))[sel]
+    chi2 = float(g @ np.linalg.pinv(fit.mapping_covariance()[np.ix_(sel, sel)], hermitian=True) @ g)
+    dof = int(sel.sum())
+    log.info("photometry: detector fields chi2 %.4g for %d coefficients", chi2, dof)
+    return chi2 > dof + DETECTOR_FIELD_SIGMA * np.sqrt(2.0 * dof)
 
 
 SUSPECT_RATIO = 1.5  # max / min calibration over a detector beyond which the field is called suspect

@@ -30,6 +30,7 @@ _SCREEN_MODES = {"drop": "drop them with a warning, counted in metrics.json",
                  "error": "raise InputError naming them"}
 _PHOT_MODELS = {"constrainedMagnitude": "constrained_magnitude", "constrainedFlux": "constrained_flux",
                 "simpleMagnitude": "simple_magnitude", "simpleFlux": "simple_flux"}
+_PHOT_MODELS_BY_CORE = {v: k for k, v in _PHOT_MODELS.items()}
 
 
 # ------------------------------------------------------------------------------------------ subtasks
@@ -151,14 +152,15 @@ class JointcalConfig(Config):
     doAstrometry = Field("fit astrometry", bool, default=_D.astrometry)
     doPhotometry = Field("fit photometry", bool, default=_D.photometry)
     astrometryModel = ChoiceField("astrometric model", str, default=_D.astrometry_model, allowed={
+        "radial": "[jcal] per-detector map, radial optical distortion shared by all visits, per-visit map",
         "constrained": "per-detector map then per-visit map", "simple": "one map per detector-visit"})
     astrometrySimpleOrder = RangeField("polynomial order of the simple model", int, default=_D.simple_order,
                                        min=1, max=12)
-    astrometryChipOrder = RangeField("order of the per-detector map (constrained)", int, default=_D.chip_order,
+    astrometryChipOrder = RangeField("order of the per-detector map (radial, constrained)", int, default=_D.chip_order,
                                      min=1, max=12)
-    astrometryVisitOrder = RangeField("order of the per-visit map (constrained)", int, default=_D.visit_order,
+    astrometryVisitOrder = RangeField("order of the per-visit map (radial, constrained)", int, default=_D.visit_order,
                                       min=1, max=12)
-    photometryModel = ChoiceField("photometric model", str, default="constrainedMagnitude", allowed={
+    photometryModel = ChoiceField("photometric model", str, default=_PHOT_MODELS_BY_CORE[_D.photometry_model], allowed={
         "constrainedMagnitude": "per-detector + per-visit, in magnitudes",
         "constrainedFlux": "per-detector + per-visit, in flux",
         "simpleMagnitude": "one scale per detector-visit, in magnitudes",
@@ -170,7 +172,8 @@ class JointcalConfig(Config):
     maxSteps = RangeField("maximum Gauss-Newton steps per stage", int, default=_D.max_iterations, min=1)
     matchCut = RangeField("association radius between detections of one star (arcsec; jointcal's default "
                           "is 3.0, jcal's 1.0)", float, default=_D.match_radius_arcsec, min=0.0, inclusiveMin=False)
-    minMeasurements = RangeField("minimum number of detections of a fitted star", int,
+    minMeasurements = RangeField("minimum number of points of a fitted star (detections, + its reference star "
+                                 "if referenceCounts)", int,
                                  default=_D.min_measurements, min=1)
     astrometryReferenceErr = RangeField("reference position error per coordinate (mas); overrides/supplies "
                                         "the refcat errors", float, default=_D.reference_error_mas, min=0.0,
@@ -205,7 +208,7 @@ class JointcalConfig(Config):
                           "stay fixed)", bool, default=_D.fit_colour_terms)
     fluxErrors = ChoiceField("[jcal] flux models: 'jointcal' ends at jointcal's fixed point (errors held per "
                              "solve), 'minimum' at the minimum of chi2 (unbiased absolute level)", str,
-                             default="jointcal", allowed={"jointcal": "jointcal's fixed point",
+                             default=_D.flux_errors, allowed={"jointcal": "jointcal's fixed point",
                                                           "minimum": "the minimum of chi2"})
     wcsFormat = ChoiceField("[jcal] output FITS WCS files", str, default=_D.wcs_format, allowed={
         "sip": "TAN-SIP in wcs/", "tpv": "TPV (SCAMP) in wcs/", "both": "TAN-SIP in wcs/, TPV in wcs_tpv/"})
@@ -217,6 +220,20 @@ class JointcalConfig(Config):
                                        default=_D.outside_margin_pixels, min=0.0)
     farOffWcs = ChoiceField("[jcal] detector-visits whose first-guess WCS has no reference star and no other "
                             "visit near it", str, default=_D.far_off_wcs, allowed=_SCREEN_MODES)
+    referenceCounts = Field("[jcal] a matched reference star counts toward minMeasurements (gbdes); False: "
+                            "detections only (jointcal)", bool, default=_D.reference_counts)
+    alignRadius = RangeField("[jcal] align visits and detector-visits on the reference catalog from pair offsets "
+                             "within this radius (arcsec) before matching; 0: off", float,
+                             default=_D.align_radius_arcsec, min=0.0)
+    rematchRounds = RangeField("[jcal] after the astrometric fit, associate again through the fitted map and "
+                               "refit when its stars would match > 1 % more reference stars, at most this often",
+                               int, default=_D.rematch_rounds, min=0)
+    photometryDetectorOrder = RangeField("[jcal] order of each detector's own photometric field (constrained "
+                                         "models; 0: a constant, jointcal's)", int,
+                                         default=_D.photometry_detector_order, min=0, max=12)
+    holdoutFraction = RangeField("[jcal] fraction of non-reference stars held out of the astrometric fit to "
+                                 "validate it", float, default=_D.holdout_fraction, min=0.0, max=0.5,
+                                 inclusiveMax=False)
     # subtasks
     sourceSelector = SourceSelectorTask.makeField("source selection")
     associate = AssociationTask.makeField("association of detections into stars")
@@ -267,7 +284,10 @@ class JointcalConfig(Config):
                 max_outlier_rounds=self.maxOutlierRounds, colour_terms=colour_terms_from_library(self.colorterms),
                 fit_colour_terms=self.fitColorterms, flux_errors=self.fluxErrors, wcs_format=self.wcsFormat,
                 duplicate_detections=self.duplicateSources, outside_detector=self.outsideDetector,
-                outside_margin_pixels=self.outsideDetectorMargin, far_off_wcs=self.farOffWcs)
+                outside_margin_pixels=self.outsideDetectorMargin, far_off_wcs=self.farOffWcs,
+                reference_counts=self.referenceCounts, align_radius_arcsec=self.alignRadius,
+                rematch_rounds=self.rematchRounds,
+                photometry_detector_order=self.photometryDetectorOrder, holdout_fraction=self.holdoutFraction)
         except ConfigError as exc:
             raise FieldValidationError(f"{exc} (FitConfig field; see jcal.task.FIELD_MAP for the jointcal name)") \
                 from exc
@@ -303,6 +323,9 @@ FIELD_MAP = {
     "max_outlier_rounds": "maxOutlierRounds", "colour_terms": "colorterms", "fit_colour_terms": "fitColorterms",
     "flux_errors": "fluxErrors", "wcs_format": "wcsFormat", "duplicate_detections": "duplicateSources",
     "outside_detector": "outsideDetector", "outside_margin_pixels": "outsideDetectorMargin", "far_off_wcs": "farOffWcs",
+    "flux_errors": "fluxErrors", "reference_counts": "referenceCounts", "align_radius_arcsec": "alignRadius",
+    "photometry_detector_order": "photometryDetectorOrder", "holdout_fraction": "holdoutFraction",
+    "rematch_rounds": "rematchRounds",
 }
 _PHOT_MODELS_BACK = {v: k for k, v in _PHOT_MODELS.items()}
 
@@ -406,6 +429,7 @@ class JointcalTask(Task):
             with step(progress, "astrometric fit"):
                 result.astrometry = self.astrometryFit.run(data, assoc, fitConfig, model=astrometry_model,
                                                            mapping_filter=mapping_filter, progress=progress)
+            assoc = result.association = result.astrometry.association  # re-associated if it matched more
         if c.doPhotometry:
             with step(progress, "photometric fit"):
                 result.photometry = self.photometryFit.run(data, assoc, fitConfig, astrometry=result.astrometry,
