@@ -19,7 +19,7 @@ from .config import did_you_mean
 log = logging.getLogger("jcal")
 
 # jcal.simulate.PRESETS' names, here so that --help needs no import (a test checks they agree)
-PRESETS = ("tiny", "small", "medium", "large", "huge")
+PRESETS = ("tiny", "small", "medium", "large", "huge", "edge", "edge_small")  # jcal.simulate.PRESETS (a test checks)
 WCS_FORMATS = ("sip", "tpv", "both")
 _USER_ERRORS = {"InputError", "ConfigError", "FieldValidationError", "TaskError", "UsageError"}
 _FIT_ERRORS = {"FitError", "SingularSystemError"}  # the data cannot support the fit asked for: the message says why
