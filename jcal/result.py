@@ -196,6 +196,26 @@ class FitResult:
         out["warnings"] = list(self.warnings)
         return out
 
+    def ccd_visit_table(self) -> dict[str, np.ndarray]:
+        """One row per detector-visit of the input, fitted or not: `fitted`, the `reason` when not
+        (named as in metrics.json, input screening included), and how its mapping is constrained
+        (measurements, those of stars seen in another visit, those matched to a reference star)."""
+        a = self.association
+        rows = {(c["visit"], c["detector"]): dict(c, fitted=True, reason="") for c in ccd_visit_constraints(a)}
+        for m in ccd_visits_not_fitted(self.data, a, self.config):
+            rows[(m["visit"], m["detector"])] = dict(m, fitted=False)
+        for v, d in self.input_screening.get("excluded_ccd_visits", []):
+            rows[(int(v), int(d))] = {"visit": int(v), "detector": int(d), "fitted": False,
+                                      "reason": "excluded before association: first-guess WCS far from every "
+                                                "reference star and every other visit (far_off_wcs)"}
+        table = [rows[k] for k in sorted(rows)]
+        return {"visit": np.array([r["visit"] for r in table], np.int64),
+                "detector": np.array([r["detector"] for r in table], np.int64),
+                "fitted": np.array([r["fitted"] for r in table], bool),
+                "reason": np.array([r["reason"] for r in table], dtype=object),
+                **{k: np.array([r.get(k, 0) for r in table], np.int64)
+                   for k in ("measurements", "shared_with_other_visits", "with_reference")}}
+
     def holdout_metrics(self) -> dict[str, Any]:
         """Residuals of the stars held out of the astrometric fit (refitted alone on its mapping): a check
         of over-fitting without a truth. RMS per axis in mas over measurements within 5 sigma (the others
@@ -247,6 +267,7 @@ class FitResult:
                 self.solution.save(tmp / "model")
             _write_parquet(tmp / "measurements.parquet", self.measurement_table())
             _write_parquet(tmp / "stars.parquet", self.star_table())
+            _write_parquet(tmp / "ccd_visits.parquet", self.ccd_visit_table())
             if self.photometry is not None:
                 self.photometry.write(tmp)
             self.config.save(tmp / "config.json")

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import jcal
@@ -93,7 +94,7 @@ def test_reference_counts_toward_min_measurements():
     assert j.counts["stars_kept_single_with_reference"] == 0 and j.n_stars == a.n_stars - single.sum()
 
 
-def test_detector_visit_without_output_is_named(caplog):
+def test_detector_visit_without_output_is_named(caplog, tmp_path):
     sim = jcal.simulate("tiny", seed=0)
     src = sim.data.sources
     gone = (src.visit == 1001) & (src.detector == 2)
@@ -110,6 +111,13 @@ def test_detector_visit_without_output_is_named(caplog):
     assert "no detection in the source catalog" in named[(1001, 2)] and "S/N" in named[(1002, 3)]
     assert "(visit=1001, detector=2)" in caplog.text and "(visit=1002, detector=3)" in caplog.text
     assert ccd_visits_not_fitted(data, result.association, config) == result.metrics["ccd_visits_not_fitted"]
+    result.write(tmp_path / "out")  # ccd_visits.parquet: every detector-visit, fitted or with its reason
+    table = pq.read_table(tmp_path / "out" / "ccd_visits.parquet").to_pydict()
+    rows = {(v, d): (f, r, n) for v, d, f, r, n in zip(table["visit"], table["detector"], table["fitted"],
+                                                         table["reason"], table["measurements"])}
+    assert set(rows) == set(data.ccd_visits)
+    assert {k for k, (f, _, _) in rows.items() if not f} == {(1001, 2), (1002, 3)}
+    assert rows[(1001, 2)][1] == named[(1001, 2)] and all(n > 0 for f, _, n in rows.values() if f)
 
 
 def test_rematch_through_the_fitted_map_recovers_a_poor_first_guess(caplog):
