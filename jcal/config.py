@@ -32,34 +32,11 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-_MAX_DEPTH = 64  # nesting of a config file's JSON (configs are a few levels deep)
-
-
 def read_json_file(path: str | Path, error: type[Exception] = ConfigError) -> Any:
-    """Parse a JSON config file; any problem raises `error` naming the file (and line, column).
-
-    Deeply nested JSON is refused with a clear message rather than a RecursionError here or later."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read the config file: {exc}") from exc
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
-    except RecursionError as exc:
-        raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)") from exc
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            raise error(f"{path}: JSON nested too deeply (a config nests at most {_MAX_DEPTH} levels)")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return value
+    """Parse a JSON config file; any problem raises `error` naming the file (and line, column),
+    deep nesting included (`jcal_models.registry.read_json`)."""
+    from jcal_models.registry import read_json
+    return read_json(path, error, "config file")
 
 
 def line_of(path: str | Path, message: str) -> str:

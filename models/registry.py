@@ -232,20 +232,42 @@ def _replace(target: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+JSON_MAX_DEPTH = 64  # nesting of a config or model file's JSON (both are a few levels deep)
+
+
+def read_json(path: str | Path, error: type[Exception], what: str = "file") -> Any:
+    """Parse the JSON file `path`; any problem raises `error` naming the file (and line, column).
+
+    Deeply nested JSON is refused with a clear message rather than a RecursionError here or later."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read the {what}: {exc}") from exc
+    too_deep = f"{path}: JSON nested too deeply (a {what} nests at most {JSON_MAX_DEPTH} levels)"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise error(too_deep) from exc
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise error(too_deep)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
 def read_document(path: str | Path, legacy: bool = False) -> dict:
     """The checked top level of `<path>.json` (format and version); `legacy`: also accept a file of
     jcal before format 2 (its model is then read with a `like=` skeleton)."""
     file = Path(path).with_suffix(".json")
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise ModelFileError(f"{file}: cannot be read ({exc.strerror or exc})") from exc
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
-    except RecursionError as exc:
-        raise ModelFileError(f"{file}: JSON nested too deeply") from exc
+    document = read_json(file, ModelFileError, "model file")
     if legacy and isinstance(document, dict) and "structure" in document and "format" not in document:
         return document
     if not isinstance(document, dict) or document.get("format") != FORMAT or "model" not in document:

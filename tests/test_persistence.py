@@ -185,7 +185,7 @@ def test_damaged_json_is_named(saved, change, message):
 
 def test_invalid_json_names_file_and_line(saved):
     saved.with_suffix(".json").write_text('{"format": "jcal-model",\n "version": 2,,}')
-    with pytest.raises(jcal.InputError, match=r"model.json: not valid JSON \(.* at line 2, column 15\)"):
+    with pytest.raises(jcal.InputError, match=r"model.json, line 2, column 15: invalid JSON"):
         jcal.load_model(saved)
 
 
