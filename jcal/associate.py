@@ -330,7 +330,7 @@ def _match_references(star_xyz: np.ndarray, star_epoch: np.ndarray, ref_xyz: np.
     star_xyz (n, 3), star_epoch (n,); ref_* (r,) with NaN proper motion where unknown.
     Returns ((n,) reference row or -1, (n, 3) matched reference vector at star epoch).
     """
-    n, r = star_xyz.shape[0], ref_xyz.shape[0]
+    n = star_xyz.shape[0]
     has_pm = np.isfinite(pmra) & np.isfinite(pmdec)
     pmra, pmdec = np.where(has_pm, pmra, 0.0), np.where(has_pm, pmdec, 0.0)
     # Candidates are searched with references carried to the middle epoch; a reference

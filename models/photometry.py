@@ -360,7 +360,3 @@ def constrained_magnitude(focal: Grouped, detector_offsets, visit_coeffs, focal_
     to the zero point."""
     return _constrained(ConstrainedMagnitude, focal, detector_offsets, visit_coeffs, focal_center,
                         focal_half_width, order, reference_detectors, detector_fields)
-
-
-FORMS = {"simple_flux": SimpleFlux, "simple_magnitude": SimpleMagnitude,
-         "constrained_flux": ConstrainedFlux, "constrained_magnitude": ConstrainedMagnitude}

@@ -11,7 +11,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from astropy.wcs import WCS
 from numpy.polynomial import legendre
 
