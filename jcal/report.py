@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .io.atomic import atomic_output_dir
-from .report_summary import constrained, page, photometry_constrained, summary
+from .report_summary import constrained, held_out, page, photometry_constrained, summary
 
 MAX_VISIT_PLOTS = 12
 _FLUX_COLUMNS = ("calib_mag", "calibrated_mag", "mag", "inst_flux", "instFlux")
@@ -237,7 +237,7 @@ def _quiver(meas, u, v, vis, use, out, rms, save):
     rx, ry = meas["residual_ra_mas"], meas["residual_dec_mas"]
     s = visit == vis
     fig, ax = _figure(6.4, 5.8)
-    good, bad, free = s & use, s & out, s & ~out & ~use
+    good, bad, free = s & use, s & out, s & ~out & ~use & ~held_out(meas)
     sc = ax.scatter(u[s], v[s], c=det[s], s=3, cmap="tab20", alpha=0.35)
     if good.sum() >= 4:
         cu, cv, mx, my, n = _binned_means(u[good], v[good], rx[good], ry[good])

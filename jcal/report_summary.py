@@ -18,15 +18,29 @@ import numpy as np
 
 # held-out (validation) metrics, whichever names a fit gives them
 _HELD_OUT = re.compile(r"held_?out|holdout|validation|cross_?val", re.IGNORECASE)
+# labels of the held-out figures jcal's fit writes (metrics.json "holdout"); others keep their key
+_HELD_OUT_LABELS = {
+    "holdout.stars": "held-out stars (kept out of the fit)",
+    "holdout.astrometry_measurements": "held-out measurements",
+    "holdout.astrometry_rms_mas": "held-out astrometric RMS per coordinate [mas]",
+    "holdout.astrometry_chi2_per_point": "held-out chi2 per coordinate",
+    "holdout.astrometry_outliers": "held-out measurements beyond 5 sigma",
+    "holdout.fraction": "fraction of stars held out"}
 
 
 def constrained(meas) -> np.ndarray:
-    """(n,) measurements that test the fit: not rejected, and not their star's only constraint
-    (leave-one-out chi2 0 with a residual of 0: a single detection without reference)."""
-    out = np.asarray(meas["outlier"], bool)
+    """(n,) measurements that test the fit: not rejected, not held out of it (those have their own
+    figures), and not their star's only constraint (leave-one-out chi2 0 with a residual of 0: a
+    single detection without reference)."""
+    out = np.asarray(meas["outlier"], bool) | held_out(meas)
     if "chi2_deleted" in meas:
         return ~out & (np.asarray(meas["chi2_deleted"]) > 0)
     return ~out & (np.hypot(meas["residual_ra_mas"], meas["residual_dec_mas"]) > 0)
+
+
+def held_out(meas) -> np.ndarray:
+    """(n,) measurements of the stars held out of the fit to validate it (none in older outputs)."""
+    return np.asarray(meas["held_out"], bool) if "held_out" in meas else np.zeros(len(meas["visit"]), bool)
 
 
 def photometry_constrained(meas) -> np.ndarray:
@@ -58,7 +72,8 @@ def summary(meas, metrics) -> dict:
             "rms_mas": _rms(np.concatenate([rx[use], ry[use]])),
             "rms_ra_mas": _rms(rx[use]), "rms_dec_mas": _rms(ry[use]),
             "chi2_per_ndof": metrics.get("astrometry_chi2_per_ndof"),
-            "constrained": int(use.sum()), "unconstrained": int(np.sum(~np.asarray(meas["outlier"], bool) & ~use)),
+            "constrained": int(use.sum()),
+            "unconstrained": int(np.sum(~np.asarray(meas["outlier"], bool) & ~held_out(meas) & ~use)),
             "outliers": int(np.sum(np.asarray(meas["outlier"], bool))),
             "reference_stars": metrics.get("astrometry_prepared_refStars"), "per_visit": per_visit}
     if "residual_mag" in meas:
@@ -71,6 +86,10 @@ def summary(meas, metrics) -> dict:
             "unconstrained": int(np.sum(np.asarray(meas.get("photometry_used", use), bool) & ~use)),
             "outliers": int(np.sum(np.asarray(meas.get("photometry_outlier", np.zeros(use.size)), bool)))}
     out["held_out"] = _held_out(metrics)
+    if "astrometry" in out and isinstance(metrics.get("holdout"), dict):  # jcal's own held-out stars, per visit
+        for v, d in metrics["holdout"].get("per_visit", {}).items():
+            if int(v) in out["astrometry"]["per_visit"]:
+                out["astrometry"]["per_visit"][int(v)]["held_out_rms_mas"] = d.get("rms_mas")
     out["warnings"] = _warnings(metrics)
     return out
 
@@ -144,7 +163,7 @@ def page(out_dir, s: dict, figures, notes) -> str:
                   _card("photometric residual RMS [mmag] (all S/N)", p["residual_rms_mmag"], "photometry.residual_rms_mmag"),
                   _card("photometric chi2 / ndof", p["chi2_per_ndof"], "photometry.chi2_per_ndof", 4)]
     for k, v in s["held_out"].items():
-        parts.append(_card(f"held out: {k.replace('_', ' ')}", v, f"held_out.{k}"))
+        parts.append(_card(_HELD_OUT_LABELS.get(k, f"held out: {k.replace('_', ' ')}"), v, f"held_out.{k}"))
     parts += [_card("visits / detector-visits", f"{c['visits']} / {c['detector_visits']}", "counts.visits"),
               _card("measurements / stars", f"{_fmt(c['measurements'])} / {_fmt(c['stars'])}", "counts.measurements")]
     if a:
@@ -154,10 +173,14 @@ def page(out_dir, s: dict, figures, notes) -> str:
     warnings = s["warnings"] + list(notes)
     parts += [f"<div class='warn'>{html.escape(w)}</div>" for w in warnings] or ["<div class='ok'>none</div>"]
     if a:
-        rows = "".join(f"<tr><td>{v}</td><td>{d['n']:,}</td><td>{_fmt(d['rms_mas'])}</td></tr>"
+        held = any("held_out_rms_mas" in d for d in a["per_visit"].values())
+        rows = "".join(f"<tr><td>{v}</td><td>{d['n']:,}</td><td>{_fmt(d['rms_mas'])}</td>"
+                       + (f"<td>{_fmt(d.get('held_out_rms_mas'))}</td>" if held else "") + "</tr>"
                        for v, d in a["per_visit"].items())
         parts.append("<details><summary>astrometric RMS per visit</summary><table><tr><th>visit</th>"
-                     f"<th>constrained measurements</th><th>RMS per coordinate [mas]</th></tr>{rows}</table></details>")
+                     "<th>constrained measurements</th><th>RMS per coordinate [mas]</th>"
+                     + ("<th>held-out stars: RMS per coordinate [mas]</th>" if held else "")
+                     + f"</tr>{rows}</table></details>")
     section = None
     for sec, name, caption in figures:
         if sec != section:

@@ -117,3 +117,22 @@ def test_summary_shows_held_out_metrics_when_present_and_warnings():
     text = page("out", s, [], [])
     assert "4.25" in text and "(visit=2, detector=0)" in text
     assert summary(meas, {})["held_out"] == {}
+
+
+def test_held_out_measurements_get_their_own_figures():
+    """Measurements held out of the fit are not counted as in-fit residuals; jcal's `holdout`
+    metrics are shown with readable labels and per visit beside the in-fit RMS."""
+    from jcal.report_summary import page, summary
+
+    meas = {"visit": np.array([1, 1, 1, 2, 2, 2]), "detector": np.zeros(6, int), "star": np.array([0, 0, 1, 2, 2, 3]),
+            "residual_ra_mas": np.array([1.0, -1.0, 30.0, -1.0, 1.0, 30.0]), "residual_dec_mas": np.ones(6),
+            "chi2": np.ones(6), "chi2_deleted": np.full(6, 2.0), "outlier": np.zeros(6, bool),
+            "held_out": np.array([False, False, True, False, False, True])}
+    metrics = {"holdout": {"stars": 2, "astrometry_rms_mas": 21.2,
+                           "per_visit": {"1": {"rms_mas": 21.0}, "2": {"rms_mas": 21.4}}}}
+    s = summary(meas, metrics)
+    assert s["astrometry"]["constrained"] == 4 and s["astrometry"]["rms_mas"] == 1.0  # the 30 mas rows are held out
+    assert s["astrometry"]["unconstrained"] == 0
+    assert s["astrometry"]["per_visit"][2]["held_out_rms_mas"] == 21.4
+    text = page("out", s, [], [])
+    assert "held-out astrometric RMS per coordinate [mas]" in text and "21.4" in text

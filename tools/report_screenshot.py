@@ -1,6 +1,8 @@
 """Screenshot a jcal report with headless Chromium, to check that it reads well at a normal
-window size: `python tools/report_screenshot.py OUT_DIR [--width 1366 --height 2400]` writes
-OUT_DIR/report/screenshot.png (top of the page) and screenshot_full.png (a tall window).
+window size: `python tools/report_screenshot.py OUT_DIR [--png-dir DIR] [--width 1366 --height 768]`
+writes DIR/screenshot.png (top of the page) and DIR/screenshot_full.png (a tall window); DIR
+defaults to OUT_DIR-screenshots, beside the output: files added inside a jcal output would make it
+differ from its manifest (and `--overwrite` then refuses to replace it).
 Needs `chromium` (Debian: apt-get install chromium); not used by the test suite."""
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1366)
     p.add_argument("--height", type=int, default=768)
     p.add_argument("--full-height", type=int, default=6000)
+    p.add_argument("--png-dir", type=Path, help="where the PNGs go (default: OUT_DIR-screenshots)")
     a = p.parse_args()
+    png_dir = a.png_dir or a.out_dir.with_name(a.out_dir.name + "-screenshots")
+    png_dir.mkdir(parents=True, exist_ok=True)
     page = a.out_dir / "report" / "index.html"
     if not page.is_file():
         from jcal.report import make_report
         page = make_report(a.out_dir)
-    print(screenshot(page, page.parent / "screenshot.png", a.width, a.height))
-    print(screenshot(page, page.parent / "screenshot_full.png", a.width, a.full_height))
+    print(screenshot(page, png_dir / "screenshot.png", a.width, a.height))
+    print(screenshot(page, png_dir / "screenshot_full.png", a.width, a.full_height))
 
 
 if __name__ == "__main__":
