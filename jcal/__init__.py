@@ -24,10 +24,10 @@ _EXPORTS = {
     "FitConfig": ".config", "Camera": ".data", "CcdVisit": ".data", "InputData": ".data", "InputError": ".data",
     "ReferenceCatalog": ".data", "SourceCatalog": ".data", "VisitTable": ".data", "read_input": ".io",
     "write_input": ".io", "FitResult": ".result", "SimConfig": ".simulate", "Simulation": ".simulate",
-    "simulate": ".simulate", "write_simulation": ".simulate", "PhotometricSolution": ".calibration.photometry",
-    "load_photometric_model": ".calibration.photometry", "AstrometricSolution": ".solution",
+    "simulate": ".simulate", "write_simulation": ".simulate", "PhotometricSolution": ".photometry_solution",
+    "load_photometric_model": ".photometry_solution", "AstrometricSolution": ".solution",
     "load_model": ".solution", "FitError": ".solver", "SingularSystemError": ".solver",
-    "save_photometric_model": ".calibration.photometry", "save_model": ".solution",
+    "save_photometric_model": ".photometry_solution", "save_model": ".solution",
     "JaxConfigurationError": ".jax_setup", "configure": ".jax_setup",
 }
 
