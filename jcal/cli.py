@@ -134,12 +134,14 @@ def _run(argv: list[str]) -> int:
         if "-h" in argv or "--help" in argv:
             fit_argument_parser().parse_args(argv[1:])  # prints the help, exits
         _setup_logging("--quiet" in argv)
+        _keep_freed_memory()
         _configure_jax()
         from .task import JointcalTask
         return JointcalTask.parseAndRun(argv[1:]).exitStatus
     args = _parser().parse_args(argv)
     _setup_logging(args.quiet)
     if args.command != "report":
+        _keep_freed_memory()
         _configure_jax()
     if args.command in ("simulate", "demo"):
         preset = args.preset
@@ -162,6 +164,24 @@ def _run(argv: list[str]) -> int:
         return 0
     from .demo import run_demo
     return run_demo(args.preset, Path(args.out), progress=progress, quiet=args.quiet, report=args.report)
+
+
+def _keep_freed_memory() -> None:
+    """glibc returns every large freed buffer to the OS, and the next step faults the same memory in
+    again; on this project's machines that first touch is most of a fit's system time
+    (benchmarks/RESULTS.md). The `jcal` process keeps freed memory instead (no mmap for large
+    blocks, trim above 1 GiB): a process-wide setting, so the command sets it, the library never.
+    JCAL_KEEP_MEMORY=0 turns it off; nothing happens outside glibc."""
+    import ctypes
+    import os
+    if os.environ.get("JCAL_KEEP_MEMORY") == "0" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, reused after free
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _configure_jax() -> None:
