@@ -9,7 +9,6 @@ the whole traceback instead. Every long step shows progress on stderr, silent un
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
 from pathlib import Path
@@ -27,20 +26,6 @@ _FIT_ERRORS = {"FitError", "SingularSystemError"}  # the data cannot support the
 
 class UsageError(ValueError):
     """A mistake on the command line (an unknown preset, a malformed --set)."""
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` strings -> dict; values are Python literals (never executed) or bare strings."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
 
 
 def fit_argument_parser() -> argparse.ArgumentParser:
