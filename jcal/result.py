@@ -34,7 +34,7 @@ import jcal_models as jm
 from .associate import Association, ccd_visits_not_fitted
 from .config import FitConfig
 from .data import InputData
-from .calibration.astrometry import AstrometryFit
+from .calibration.astrometry_result import AstrometryFit
 from .io.atomic import atomic_output_dir
 from .io.sip import fit_wcs_many, wcs_fits_bytes
 from .progress import capture_warnings
@@ -73,13 +73,13 @@ class FitResult:
         visit, detector, x, y = np.broadcast_arrays(visit, detector, np.asarray(x, float), np.asarray(y, float))
         index = self.solution.index(visit.ravel(), detector.ravel())
         xs, ys = jnp.asarray(x.ravel()), jnp.asarray(y.ravel())
-        pm, _ = eqx.partition(fit.model, fit.solver.mapping_filter)
+        pm, _ = eqx.partition(fit.model, fit.mapping_filter)
 
         def sky_mas(theta):
             ra, dec = jm.evaluate(fit.model_from(theta), index, xs, ys)
             return jnp.stack([ra * jnp.cos(jnp.radians(dec)), dec], axis=1) * MAS_PER_DEG
 
-        jac = np.asarray(jax.jacrev(sky_mas)(fit.solver.layout.flatten(pm)))  # (n, 2, N)
+        jac = np.asarray(jax.jacrev(sky_mas)(fit.layout.flatten(pm)))  # (n, 2, N)
         return np.einsum("aip,pq,ajq->aij", jac, fit.mapping_covariance(), jac)
 
     def _sip_order(self) -> int | None:
@@ -129,7 +129,7 @@ class FitResult:
         }
         if fit is not None:
             ra, dec = self.solution.pixel_to_sky(cols["visit"], cols["detector"], cols["x"], cols["y"])
-            epoch = np.asarray(fit.solver.data["epoch"])[: len(a.star)]
+            epoch = fit.epoch
             sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star, epoch))
             xi, eta = (np.asarray(v) for v in _sky_to_tangent(ra, dec, sra, sdec))
             held = fit.held_out if fit.held_out is not None else np.zeros(len(a.star), bool)
@@ -182,7 +182,7 @@ class FitResult:
                 "astrometry_reference_outliers": fit.state.n_reference_outliers,
                 "astrometry_converged": fit.state.converged,
                 "astrometry_stage_seconds": fit.stage_seconds,
-                "astrometry_sizes": fit.solver.sizes,
+                "astrometry_sizes": fit.sizes,
                 "astrometry_chi2_history": [h["chi2"] for h in fit.state.history],
             })
             out["ccd_visit_constraints"] = ccd_visit_constraints(a)
@@ -225,7 +225,7 @@ class FitResult:
         visit, detector = a.visits[a.visit_index[rows]], a.detectors[a.detector_index[rows]]
         src = self.data.sources
         ra, dec = self.solution.pixel_to_sky(visit, detector, src.x[a.source_index[rows]], src.y[a.source_index[rows]])
-        epoch = np.asarray(fit.solver.data["epoch"])[rows]
+        epoch = fit.epoch[rows]
         sra, sdec = (np.asarray(v) for v in _star_positions(fit.stars, a.star[rows], epoch))
         xi, eta = (np.asarray(v) * MAS_PER_DEG for v in _sky_to_tangent(ra, dec, sra, sdec))
         chi2 = fit.held_out_chi2[rows]
