@@ -83,6 +83,11 @@ class AbstractForm(eqx.Module):
         before added terms), or None for no such stage (the default)."""
         return None
 
+    def stars_held(self, mask):
+        """The mask of the mapping-only stage that follows `first_stage`, fitted while the stars are
+        held (e.g. colour terms, which trade with the stars, held too). Default: `mask` itself."""
+        return mask
+
     def sip_order(self) -> int | None:
         """SIP order that represents an astrometric form exactly; None: chosen per detector."""
         return None
@@ -98,6 +103,12 @@ class Transform(AbstractForm):
 
     def __or__(self, other: "Transform") -> "Chain":
         return Chain(self, other)
+
+    @property
+    def compares_in_tangent_plane(self) -> bool:
+        """True for a pixel -> sky form that goes through its visit's tangent plane (`tangent`,
+        `project`): the astrometric residual is then taken there, without trigonometry."""
+        return False
 
 
 class Chain(Transform):

@@ -277,6 +277,10 @@ class WithColourTerms(PhotometricTransform):
             return mask
         return eqx.tree_at(lambda m: m.colour.slope, mask, jnp.zeros_like(mask.colour.slope))
 
+    def stars_held(self, mask):
+        """Colour terms move only with the stars (`hold_colour`)."""
+        return self.hold_colour(mask)
+
     def first_stage(self, mask):
         """The base form's first-stage mask with the colour terms held, or None (no first stage)."""
         base_first = self.base.first_stage(mask.base)

@@ -26,7 +26,7 @@ dra_dx = jax.grad(lambda x: view(x, 500.0)[0])(500.0)
 print("d ra / d x [arcsec/pixel]:", float(dra_dx) * 3600)
 
 # %% gradient w.r.t. parameters
-params, static = eqx.partition(model, fit.solver.mapping_filter)
+params, static = eqx.partition(model, fit.mapping_filter)
 g = jax.grad(lambda p: jm.gather(eqx.combine(p, static), one)(500.0, 500.0)[1])(params)
 print("non-zero parameter derivatives:", sum(int(jnp.count_nonzero(a)) for a in jax.tree.leaves(g)))
 
@@ -55,8 +55,8 @@ if cov.shape[0] == jac.shape[1]:
 
 # %%
 solution = fit.differentiable()
-x = jnp.asarray(np.asarray(fit.solver.data["x"])[: fit.solver.n_real])
-y = jnp.asarray(np.asarray(fit.solver.data["y"])[: fit.solver.n_real])
+x = jnp.asarray(np.asarray(fit.problem.data["x"])[: fit.problem.n_real])
+y = jnp.asarray(np.asarray(fit.problem.data["y"])[: fit.problem.n_real])
 star = int(fit.association.star[0])
 grad_x = jax.grad(lambda x: solution({"x": x, "y": y}, {})[1][star, 0] * 3.6e6)(x)
 own = np.flatnonzero(fit.association.star == star)

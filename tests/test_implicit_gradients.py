@@ -1,5 +1,7 @@
 """Gradients through the converged fit (implicit function theorem) against finite differences."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,25 +18,29 @@ def fitted():
     return sim, jcal.fit(sim.data, config).astrometry
 
 
-def _refit(fit, **changes):
-    """Re-converge the same problem with some measurement data changed (finite differences)."""
-    solver = fit.solver
-    saved = dict(solver.data)
-    for name, values in changes.items():
-        solver.set_data(name, values)
+def _converged(fit, problem):
+    """The fit's state re-converged on `problem` (the fit's, with some inputs changed)."""
+    solver = jcal.solver.Solver(problem)
     state = jcal.solver.FitState(fit.state.mapping, fit.state.stars, fit.state.weights, fit.state.star_weights)
     state = solver.run_stage(state, "fd", fit_mapping=True, fit_stars=True, mapping_mask=fit.mapping_mask,
                              star_mask=fit.star_mask, max_iterations=6, tolerance=1e-15)
-    solver.data = saved
-    (pm, _), (ps, _) = solver.split(state.mapping, state.stars)
-    return np.asarray(solver.layout.flatten(pm)), np.asarray(jcal.solver.gauss_newton.flatten_stars(ps))
+    return solver.split(state.mapping, state.stars)
+
+
+def _refit(fit, **changes):
+    """Re-converge the same problem with some measurement data changed (finite differences)."""
+    problem = fit.problem
+    for name, values in changes.items():
+        problem = problem.with_data(name, values)
+    (pm, _), (ps, _) = _converged(fit, problem)
+    return np.asarray(fit.layout.flatten(pm)), np.asarray(jcal.solver.problem.flatten_stars(ps))
 
 
 def test_gradient_of_fitted_star_and_mapping_matches_refits(fitted):
     sim, fit = fitted
     solution = fit.differentiable()
-    x = jnp.asarray(np.asarray(fit.solver.data["x"])[: fit.solver.n_real])
-    y = jnp.asarray(np.asarray(fit.solver.data["y"])[: fit.solver.n_real])
+    x = jnp.asarray(np.asarray(fit.problem.data["x"])[: fit.problem.n_real])
+    y = jnp.asarray(np.asarray(fit.problem.data["y"])[: fit.problem.n_real])
     i = 7
     star = int(fit.association.star[i])
 
@@ -63,23 +69,18 @@ def test_gradient_of_fitted_star_and_mapping_matches_refits(fitted):
 
 def test_gradient_with_respect_to_reference_positions(fitted):
     sim, fit = fitted
-    solver = fit.solver
+    problem = fit.problem
     solution = fit.differentiable()
-    ra = jnp.asarray(np.asarray(solver.star_data["ra"])[: solver.stars_real])
+    ra = jnp.asarray(np.asarray(problem.star_data["ra"])[: problem.stars_real])
     star = int(np.flatnonzero(fit.association.star_ref >= 0)[0])
     g = np.asarray(jax.grad(lambda ra: solution({}, {"ra": ra})[1][star, 0])(ra))
     assert np.isfinite(g).all() and abs(g[star]) > 0  # a star is pulled by its own reference position
     h = 1e-6  # deg
     values = []
     for sign in (+1, -1):
-        saved = dict(solver.star_data)
-        shifted = np.asarray(solver.star_data["ra"]).copy()
+        shifted = np.asarray(problem.star_data["ra"]).copy()
         shifted[star] += sign * h
-        solver.star_data = dict(saved, ra=jnp.asarray(shifted))
-        state = jcal.solver.FitState(fit.state.mapping, fit.state.stars, fit.state.weights, fit.state.star_weights)
-        state = solver.run_stage(state, "fd", fit_mapping=True, fit_stars=True, mapping_mask=fit.mapping_mask,
-                                 star_mask=fit.star_mask, max_iterations=6, tolerance=1e-15)
-        solver.star_data = saved
-        (_, _), (ps, _) = solver.split(state.mapping, state.stars)
-        values.append(float(jcal.solver.gauss_newton.flatten_stars(ps)[star, 0]))
+        changed = dataclasses.replace(problem, star_data=dict(problem.star_data, ra=jnp.asarray(shifted)))
+        (_, _), (ps, _) = _converged(fit, changed)
+        values.append(float(jcal.solver.problem.flatten_stars(ps)[star, 0]))
     np.testing.assert_allclose(g[star], (values[0] - values[1]) / (2 * h), rtol=2e-3)

@@ -1,18 +1,9 @@
 """The astrometric fit: association in, fitted pixel->sky model and stars out.
 
-Residual of measurement i (star s seen at pixel (x, y) in visit v at epoch t):
-
-    r_i = W_i · (model_v,d(x, y) - star_s(t)), both in the tangent plane of visit v
-
-the offset [deg] of the model's position from the star's in the visit's tangent plane (as
-jointcal does; for `TangentPlaneAstrometry` forms, i.e. all of jcal's: the star's direction
-is projected there, so nothing trigonometric is differentiated), whitened by W_i (the
-centroid covariance carried to that plane through the model's pixel Jacobian, plus an
-optional pedestal). Other forms are compared in the plane tangent at the star, through
-(ra, dec). The error model is refreshed between stages and held fixed during a stage, so each
-step solves a fixed weighted least-squares problem. A reference star adds (position at the
-catalog epoch - catalog position) / error, and (proper motion - catalog proper motion) /
-error when both exist.
+`astrometry_recipe` declares the stages (`jcal.calibration.recipe`), `AstrometricCalibration`
+supplies what they need from astrometry (the error model refreshed through the current model,
+anchored stages, re-association through the fitted map), `fit_astrometry` runs them. The
+residuals and the problem's set-up are in `astrometry_problem`, the result in `astrometry_result`.
 """
 
 from __future__ import annotations
@@ -27,65 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 import jcal_models as jm
-from jcal_models import MAS, sky_to_tangent
+from jcal_models import MAS
 
 from ..associate import Association, associate
 from ..config import FitConfig
 from ..data import InputData
 from ..jax_setup import ensure_configured
-from ..sky import unit_vectors
-from ..solver import FitState, Solver, StructuredProblem, small_linalg
-from ..solver.compile import brief_jit
+from ..solver import FitState, Solver
+from .astrometry_problem import (AstrometryProblem, astrometric_residual, astrometry_problem, reference_residual,
+                                 whitening)
 from .astrometry_result import AstrometryFit
-from .astrometry_setup import (fitted_projector, holdout_stars, initial_stars, missed_reference_matches,
-                               proper_motion_wanted, reference_constraints, references_constrain_every_group)
-from .initialise import initial_astrometric_model
+from .astrometry_setup import fitted_projector, holdout_stars, missed_reference_matches, references_constrain_every_group
 from .recipe import (Calibration, Fit, FitHeldOut, HeldOut, Reassociate, RejectGross, RejectUntilClean, Rematch,
                      run_recipe)
 
+__all__ = ["AstrometricCalibration", "AstrometryFit", "AstrometryProblem", "astrometric_residual",
+           "astrometry_recipe", "fit_astrometry", "reference_residual"]
+
 log = logging.getLogger("jcal.calibration.astrometry")
-
-
-def _in_tangent_plane(model) -> bool:
-    return getattr(model, "compares_in_tangent_plane", False)
-
-
-def astrometric_residual(model, star, m):
-    """Whitened 2-d residual of one measurement (see module docstring)."""
-    if _in_tangent_plane(model):
-        xi, eta = model.tangent(m["x"], m["y"])
-        xi_s, eta_s = model.project(star.direction(m["epoch"]))
-        return m["whiten"] @ jnp.stack([xi - xi_s, eta - eta_s])
-    xi, eta = sky_to_tangent(*model(m["x"], m["y"]), *star.position(m["epoch"]))
-    return m["whiten"] @ jnp.stack([xi, eta])
-
-
-def reference_residual(star, ref):
-    """Whitened reference-catalog constraint of one star (zeros where there is none)."""
-    xi, eta = jm.project(star.direction(ref["epoch"]), jm.tangent_basis(ref["ra"], ref["dec"]))
-    position = jnp.stack([xi, eta]) / ref["position_err"] * ref["has_ref"]
-    if star.pm is None:
-        return position
-    motion = (star.pm - ref["pm"]) / ref["pm_err"] * ref["has_pm"]
-    return jnp.concatenate([position, motion])
-
-
-@brief_jit
-def _whitening(model, index, x, y, x_err, y_err, pedestal_deg):
-    """(n, 2, 2) W with W^T W = inverse covariance of each centroid, in the plane of its residual."""
-
-    def one(idx, xi, yi, sx, sy):
-        view = jm.gather(model, idx)
-        if _in_tangent_plane(view):
-            plane = lambda p: jnp.stack(view.tangent(p[0], p[1]))  # noqa: E731
-        else:
-            ra0, dec0 = view(xi, yi)
-            plane = lambda p: jnp.stack(sky_to_tangent(*view(p[0], p[1]), ra0, dec0))  # noqa: E731
-        jac = jax.jacfwd(plane)(jnp.stack([xi, yi]))  # (2, 2): d(xi, eta) / d(x, y)
-        cov = jac @ jnp.diag(jnp.stack([sx**2, sy**2])) @ jac.T + pedestal_deg**2 * jnp.eye(2)
-        return small_linalg.solve_lower(small_linalg.cholesky(cov), jnp.eye(2))  # L^-1
-
-    return jax.vmap(one)(index, x, y, x_err, y_err)
 
 
 def astrometry_recipe(*, rematch: bool) -> tuple:
@@ -130,7 +80,7 @@ class AstrometricCalibration(Calibration):
         data = solver.problem.data
         index = {k: jnp.asarray(v[: solver.n_real]) for k, v in solver.problem.index.items() if k != "star"}
         n = solver.n_real
-        w = _whitening(state.mapping, index, jnp.asarray(data["x"][:n]), jnp.asarray(data["y"][:n]),
+        w = whitening(state.mapping, index, jnp.asarray(data["x"][:n]), jnp.asarray(data["y"][:n]),
                        *(jnp.asarray(e) for e in self.centroid_errors), self.config.astrometry_pedestal_mas * MAS)
         solver.set_data("whiten", np.asarray(w))
 
@@ -185,25 +135,10 @@ def fit_astrometry(data: InputData, assoc: Association, config: FitConfig, *, mo
 
 def _calibration(data: InputData, assoc: Association, config: FitConfig, model, mapping_filter,
                  progress) -> tuple[AstrometricCalibration, FitState]:
-    """The problem (residuals, reference constraints, starting model and stars), its solver, the
-    masks of the recipe's stages and the starting state."""
-    visit_epoch = dict(zip(data.visits.visit.tolist(), data.visits.epoch.tolist()))
-    src, rows = data.sources, assoc.source_index
-    epoch = np.array([visit_epoch[v] for v in assoc.visits])[assoc.visit_index]
-    epoch0 = float(np.round(np.mean(epoch), 3))
-    proper_motion = proper_motion_wanted(data, assoc, config)
-    if model is None:
-        model = initial_astrometric_model(data, assoc, config)
-    stars = initial_stars(data, assoc, epoch0, proper_motion)
-    star_data, has_ref, _ = reference_constraints(data, assoc, config, epoch0)
-    index = {"star": assoc.star, "visit": assoc.visit_index, "detector": assoc.detector_index,
-             "ccd_visit": assoc.ccd_visit_index}
-    mdata = {"x": src.x[rows], "y": src.y[rows], "epoch": epoch, "whiten": np.zeros((len(rows), 2, 2))}
-    prior_dof = 2 * has_ref + (2 if proper_motion else 0)
-    problem = StructuredProblem(astrometric_residual, reference_residual, model, stars, mdata, star_data, index,
-                                unit_vectors(assoc.star_ra, assoc.star_dec), prior_dof=prior_dof.astype(float),
-                                prior_rejectable=has_ref, mapping_filter=mapping_filter)
-    solver = Solver(problem)
+    """The problem's solver, the masks of the recipe's stages, the held-out stars and the starting state."""
+    setup = astrometry_problem(data, assoc, config, model, mapping_filter)
+    model, has_ref, proper_motion = setup.model, setup.has_reference, setup.proper_motion
+    solver = Solver(setup.problem)
     log.info("astrometry: %d measurements, %d stars (%d with reference), %d mapping + %d star parameters",
              solver.n_measurements, solver.n_stars, has_ref.sum(), solver.sizes["mapping_parameters"],
              solver.sizes["star_parameters"])
@@ -217,12 +152,13 @@ def _calibration(data: InputData, assoc: Association, config: FitConfig, model, 
         masks["first_stage"] = masks["free"] * solver.mapping_mask(first_stage)
     held_star = holdout_stars(assoc, has_ref, config.holdout_fraction)
     held = held_star[assoc.star]
+    src, rows = data.sources, assoc.source_index
     calibration = AstrometricCalibration(
         "astrometry", solver, config, masks, config.min_measurements,
         held_out=HeldOut(held, held_star * float(proper_motion)), progress=progress, data=data, association=assoc,
         reference_weights=solver.pad_measurements(has_ref[assoc.star]),
         fixed_star_mask=np.ones((solver.stars_real, 4 if proper_motion else 2)),
         centroid_errors=(src.x_err[rows], src.y_err[rows]))
-    state = solver.new_state(model, stars, (~held).astype(float),
+    state = solver.new_state(model, setup.problem.stars, (~held).astype(float),
                              np.maximum(has_ref, proper_motion) * ~held_star)  # held out: never in the fit
     return calibration, state

@@ -164,15 +164,14 @@ def _fit_photometry(data: InputData, assoc: Association, config: FitConfig, astr
 
 def _masks(solver: Solver, model) -> dict[str, np.ndarray]:
     """The recipe's mapping masks: the gauge's free parameters, the form's first stage (if any), and
-    the model stage's (colour terms held, `hold_colour`)."""
+    the model stage's (`stars_held`: e.g. colour terms held)."""
     pm_params, _ = eqx.partition(model, solver.mapping_filter)
     ones = jax.tree.map(jnp.ones_like, pm_params)
     masks = {"free": solver.mapping_mask(model.fix_gauge(ones))}
     first_stage = model.first_stage(ones)
     if first_stage is not None:
         masks["first_stage"] = masks["free"] * solver.mapping_mask(first_stage)
-    hold_colour = getattr(model, "hold_colour", None)
-    masks["stars_held"] = masks["free"] * solver.mapping_mask(hold_colour(ones)) if hold_colour else masks["free"]
+    masks["stars_held"] = masks["free"] * solver.mapping_mask(model.stars_held(ones))
     return masks
 
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from .compile import brief_jit
 from .layout import ParameterLayout, bucket
-from .normal_equations import (Preconditioner, chi2_terms, implicit_cotangents, leave_one_out_chi2, linear_terms,
-                               solve_step)
+from .normal_equations import Preconditioner, chi2_terms, linear_terms, solve_step
 from .problem import FitState, PreparedProblem, flatten_stars, unflatten_stars
+from .sensitivity import implicit_cotangents, leave_one_out_chi2
 
 log = logging.getLogger("jcal.solver")
 
