@@ -46,3 +46,33 @@ class brief_jit:
         if self._jitted is None:
             self._jitted = jax.jit(self._fun, compiler_options=_compiler_options(), **self._jit_kwargs)
         return self._jitted(*args, **kwargs)
+
+
+# JAX's monitoring events for the three parts of making a program (the backend part includes
+# fetching it from the persistent cache); see `CompileClock`.
+_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+           "/jax/core/compile/backend_compile_duration": "compile"}
+_TOTALS = dict.fromkeys(_EVENTS.values(), 0.0)
+
+
+@functools.cache
+def _listen() -> None:
+    def on_duration(event: str, duration: float, **_):
+        key = _EVENTS.get(event)
+        if key is not None:
+            _TOTALS[key] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+
+class CompileClock:
+    """Seconds this process spends making programs (tracing, lowering, compiling or fetching from the
+    persistent cache) from its creation to `seconds()`: what a fit pays before it computes."""
+
+    def __init__(self):
+        _listen()
+        self._start = sum(_TOTALS.values())
+
+    def seconds(self) -> float:
+        return sum(_TOTALS.values()) - self._start
