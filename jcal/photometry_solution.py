@@ -54,7 +54,7 @@ def _check_bands(document: dict, ids: dict[str, np.ndarray], file: Path) -> None
 
 
 @brief_jit
-def _evaluate(model, index, x, y):
+def evaluate_calibration(model, index, x, y):
     """(calibration nJy/count, zero point AB mag) at arrays of pixels, measurement i in groups index[.][i]."""
     def one(idx, xi, yi):
         view = jm.gather(model, idx)
@@ -67,7 +67,7 @@ def _evaluate(model, index, x, y):
 
 
 @brief_jit
-def _local_means(pm, sm, index, gx, gy):
+def local_means(pm, sm, index, gx, gy):
     """Per detector-visit k: mean calibration over its grid (gx[k], gy[k]) and its gradient with
     respect to the fitted parameters of the groups it sees, flattened in layout order."""
 
@@ -151,7 +151,7 @@ class PhotometricSolution:
             kind = self.model.kind
             return (xp.reshape(jm.to_calibration(value, kind), x.shape),
                     xp.reshape(jm.to_zero_point(value, kind), x.shape))
-        c, z = _evaluate(self.model, index, jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
+        c, z = evaluate_calibration(self.model, index, jnp.asarray(x.ravel()), jnp.asarray(y.ravel()))
         return np.asarray(c).reshape(x.shape), np.asarray(z).reshape(x.shape)
 
     def calibration(self, visit, detector, x, y, xp=None) -> np.ndarray:

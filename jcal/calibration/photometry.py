@@ -27,7 +27,7 @@ from ..associate import Association
 from ..config import FitConfig
 from ..data import InputData
 from ..jax_setup import ensure_configured
-from ..photometry_solution import PhotometricSolution, _evaluate
+from ..photometry_solution import PhotometricSolution, evaluate_calibration
 from ..photometry_solution import load_photometric_model, save_photometric_model
 from ..solver import FitState, SingularSystemError, Solver
 from ..solver.compile import CompileClock
@@ -82,7 +82,7 @@ class PhotometricCalibration(Calibration):
         solver, n = self.solver, self.association.n_measurements
         index = {k: jnp.asarray(v[:n]) for k, v in solver.problem.index.items() if k != "star"}
         data = solver.problem.data
-        c, _ = _evaluate(state.mapping, index, jnp.asarray(data["x"][:n]), jnp.asarray(data["y"][:n]))
+        c, _ = evaluate_calibration(state.mapping, index, jnp.asarray(data["x"][:n]), jnp.asarray(data["y"][:n]))
         solver.set_data("c_fixed", np.abs(np.asarray(c)))
         if live is not None:
             solver.set_data("live", np.full(n, 1.0 if live else 0.0))

@@ -17,12 +17,12 @@ from jcal_models.photometry import (AB_ZERO_POINT_NJY, PhotometricStars, Photome
 from ..associate import Association
 from ..config import FitConfig
 from ..data import InputData, InputError
-from ..photometry_solution import _evaluate
+from ..photometry_solution import evaluate_calibration
 from ..sky import unit_vectors
 from ..solver import StructuredProblem
-from .photometry_setup import (MAG_PER_FRACTION, _bands, _check_colour_spread, _colour_term_errors,
-                               _colour_term_model, _detector_fields, _focal_domain, _informative,
-                               _initial_calibration, _reference_band, _reference_colours, _reference_fluxes,
+from .photometry_setup import (MAG_PER_FRACTION, bands_of, check_colour_spread, colour_term_errors,
+                               colour_term_model, detector_fields, focal_domain, informative_measurements,
+                               initial_calibration, reference_band, reference_colours, reference_fluxes,
                                focal_plane_map, initial_photometric_model)
 
 log = logging.getLogger("jcal.calibration.photometry")
@@ -104,9 +104,9 @@ def photometry_problem(data: InputData, assoc: Association, config: FitConfig, a
     """The photometric problem of `assoc` (see `jcal.calibration.photometry.fit_photometry` for the arguments)."""
     form = config.photometry_model
     rows = assoc.source_index
-    bands, visit_band = _bands(data, assoc)
-    terms = _colour_term_model(config, bands, data)  # None: no colour terms
-    ref_bands = tuple(terms.primary[b] if terms is not None and terms.active[b] else _reference_band(config, band, data)
+    bands, visit_band = bands_of(data, assoc)
+    terms = colour_term_model(config, bands, data)  # None: no colour terms
+    ref_bands = tuple(terms.primary[b] if terms is not None and terms.active[b] else reference_band(config, band, data)
                       for b, band in enumerate(bands))
     m_band = visit_band[assoc.visit_index]
     n_det = len(assoc.detectors)
@@ -126,12 +126,12 @@ def photometry_problem(data: InputData, assoc: Association, config: FitConfig, a
         star_ref_flux = refs.flux[assoc.star, m_band] * 10.0 ** (-0.4 * refs.delta0[assoc.star, m_band])
         ratio_ok = valid & np.isfinite(star_ref_flux) & (inst_flux > 0) & (star_ref_flux > 0)
         ratio = np.where(ratio_ok, star_ref_flux / np.where(inst_flux > 0, inst_flux, 1.0), np.nan)
-        calib_k, calib_v = _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, len(bands))
+        calib_k, calib_v = initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, len(bands))
         focal = center = half = None
         if form.startswith("constrained"):
             focal = focal_plane_map(data, assoc, config, astrometry)
-            center, half = _focal_domain(data, assoc, focal)
-        fields = (_detector_fields(data, assoc, bd_detector, config.photometry_detector_order)
+            center, half = focal_domain(data, assoc, focal)
+        fields = (detector_fields(data, assoc, bd_detector, config.photometry_detector_order)
                   if form.startswith("constrained") else None)
         model = initial_photometric_model(form, calib_k, calib_v, assoc, bd_index, bd_band, bd_detector, visit_band,
                                           len(bands), focal, center, half, config.photometry_visit_order, fields)
@@ -175,19 +175,19 @@ def _reference_constraints(data: InputData, assoc: Association, terms, bands, re
     """Reference fluxes per star and band, used where the star is measured in that band; with colour
     terms, only references with a colour, errors propagated. Counts what was lost in `counts`."""
     n_bands = len(bands)
-    ref_flux, ref_err = _reference_fluxes(data, assoc, ref_bands, kind)
+    ref_flux, ref_err = reference_fluxes(data, assoc, ref_bands, kind)
     measured = np.zeros((assoc.n_stars, n_bands), bool)
     measured[assoc.star[valid], m_band[valid]] = True
     colour = applied = None
     delta0 = np.zeros((assoc.n_stars, n_bands))
     if terms is not None:
-        colour, has_colour = _reference_colours(data, assoc, terms)
+        colour, has_colour = reference_colours(data, assoc, terms)
         lost = np.isfinite(ref_flux) & np.asarray(terms.active)[None, :] & ~has_colour
         counts["reference_without_colour"] = int(np.any(lost & measured, axis=1).sum())
         if counts["reference_without_colour"]:
             log.warning("photometry: %d reference star(s) lack a usable secondary-band flux for their colour term: "
                         "no reference constraint for them in those bands", counts["reference_without_colour"])
-        ref_err = np.where(lost, np.nan, _colour_term_errors(data, assoc, terms, colour, ref_flux, ref_err))
+        ref_err = np.where(lost, np.nan, colour_term_errors(data, assoc, terms, colour, ref_flux, ref_err))
         ref_flux = np.where(lost, np.nan, ref_flux)
     has_ref = np.isfinite(ref_flux) & measured
     for b, band in enumerate(bands):
@@ -198,11 +198,11 @@ def _reference_constraints(data: InputData, assoc: Association, terms, bands, re
                              f"usable {ref_bands[b]!r} flux{colour_note}: the calibration's absolute level is "
                              "undefined")
     if terms is not None:
-        _check_colour_spread(terms, colour, has_ref, bands)
+        check_colour_spread(terms, colour, has_ref, bands)
         applied = has_ref & np.asarray(terms.active)[None, :]
         delta0 = np.where(applied, np.asarray(terms.offset) + np.asarray(terms.slope) * colour
                           + np.asarray(terms.curvature) * colour**2, 0.0)
-    informative = _informative(assoc.star, m_band, valid, has_ref)
+    informative = informative_measurements(assoc.star, m_band, valid, has_ref)
     counts["uninformative_measurements"] = int(np.sum(valid & ~informative))
     if counts["uninformative_measurements"]:
         log.info("photometry: %d measurement(s) are the only one of their star in their band, without a reference "
@@ -250,7 +250,7 @@ def _initial_stars(model, index, mdata, inst_flux, valid, m_band, assoc: Associa
     """Stars start at their mean calibrated flux (or magnitude) in each band, at the starting model."""
     kind = model.kind
     idx_j = {k: jnp.asarray(v) for k, v in index.items() if k != "star"}
-    c0, z0 = (np.asarray(a) for a in _evaluate(model, idx_j, jnp.asarray(mdata["x"]), jnp.asarray(mdata["y"])))
+    c0, z0 = (np.asarray(a) for a in evaluate_calibration(model, idx_j, jnp.asarray(mdata["x"]), jnp.asarray(mdata["y"])))
     per_meas = inst_flux * c0 if kind == "flux" else mdata["inst_mag"] + z0
     key = assoc.star * n_bands + m_band
     total = np.bincount(key[valid], weights=per_meas[valid], minlength=assoc.n_stars * n_bands)

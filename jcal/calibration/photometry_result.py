@@ -19,10 +19,10 @@ from jcal_models.photometry import (AB_ZERO_POINT_NJY, ConstrainedFlux, Constrai
 
 from ..associate import Association
 from ..data import InputData
-from ..photometry_solution import PhotometricSolution, _evaluate, _local_means
+from ..photometry_solution import PhotometricSolution, evaluate_calibration, local_means
 from ..solver import FitState, PreparedProblem
 from .fit_result import SolvedProblem
-from .photometry_setup import MAG_PER_FRACTION, _informative
+from .photometry_setup import MAG_PER_FRACTION, informative_measurements
 
 GRID = 8  # samples per axis of a detector for photo_calib_grid.parquet
 MEAN_GRID = 16  # samples per axis for the mean calibration over a detector
@@ -83,7 +83,7 @@ class PhotometryFit(SolvedProblem):
         if "meas_calib" not in self._cache:
             idx = {k: jnp.asarray(v) for k, v in self.index.items() if k != "star"}
             rows = self.association.source_index
-            c, _ = _evaluate(self.model, idx, jnp.asarray(self.data.sources.x[rows]),
+            c, _ = evaluate_calibration(self.model, idx, jnp.asarray(self.data.sources.x[rows]),
                              jnp.asarray(self.data.sources.y[rows]))
             self._cache["meas_calib"] = np.asarray(c)
         return self._cache["meas_calib"]
@@ -93,7 +93,7 @@ class PhotometryFit(SolvedProblem):
         unrejected measurement in the band, or a reference flux there)."""
         used = self.weights > 0
         ref = self.has_reference & (self.star_weights[:, None] > 0)
-        return _informative(self.association.star, self.measurement_band, used, ref)
+        return informative_measurements(self.association.star, self.measurement_band, used, ref)
 
     # -- colour terms ----------------------------------------------------------------------------
     def colour_delta(self) -> np.ndarray:
@@ -166,7 +166,7 @@ class PhotometryFit(SolvedProblem):
         gy = jnp.asarray(np.stack([g[1].ravel() for g in grids]))
         index = self.solution.index(a.ccd_visits[:, 0], a.ccd_visits[:, 1])
         (pm, sm), _ = self.problem.split(self.state.mapping, self.state.stars)
-        mean, jac = _local_means(pm, sm, index, gx, gy)
+        mean, jac = local_means(pm, sm, index, gx, gy)
         mean, jac = np.asarray(mean), np.asarray(jac)
         layout = self.layout
         if layout.size:

@@ -31,7 +31,7 @@ MIN_COLOUR_STARS = 3  # reference stars with a colour needed to fit a band's c1
 # --------------------------------------------------------------------------------------------
 
 
-def _bands(data: InputData, assoc: Association):
+def bands_of(data: InputData, assoc: Association):
     """Band names, and the band index of each association visit."""
     order = np.argsort(data.visits.visit)
     pos = order[np.searchsorted(data.visits.visit, assoc.visits, sorter=order)]
@@ -40,7 +40,7 @@ def _bands(data: InputData, assoc: Association):
     return tuple(str(b) for b in bands), visit_band.reshape(-1).astype(np.int64)
 
 
-def _reference_band(config: FitConfig, band: str, data: InputData) -> str:
+def reference_band(config: FitConfig, band: str, data: InputData) -> str:
     ref_band = config.reference_band if config.reference_band is not None else band
     if ref_band not in data.refcat.fluxes:
         raise InputError(
@@ -50,7 +50,7 @@ def _reference_band(config: FitConfig, band: str, data: InputData) -> str:
     return ref_band
 
 
-def _reference_fluxes(data: InputData, assoc: Association, ref_bands, kind: str):
+def reference_fluxes(data: InputData, assoc: Association, ref_bands, kind: str):
     """(S, B) reference flux and error [nJy], NaN where the star has none or it is unusable."""
     n_stars, n_bands = assoc.n_stars, len(ref_bands)
     flux, err = np.full((n_stars, n_bands), np.nan), np.full((n_stars, n_bands), np.nan)
@@ -65,7 +65,7 @@ def _reference_fluxes(data: InputData, assoc: Association, ref_bands, kind: str)
     return np.where(ok, flux, np.nan), np.where(ok, err, np.nan)
 
 
-def _colour_term_model(config: FitConfig, bands: tuple[str, ...], data: InputData) -> ColourTerms | None:
+def colour_term_model(config: FitConfig, bands: tuple[str, ...], data: InputData) -> ColourTerms | None:
     """The configured colour terms of the fitted bands (None when no fitted band has one); their
     primary and secondary bands must be in the reference catalog."""
     terms = config.colour_terms
@@ -88,7 +88,7 @@ def _colour_term_model(config: FitConfig, bands: tuple[str, ...], data: InputDat
                         [get(b, "c2", 0.0) for b in bands], [config.fit_colour_terms and b in terms for b in bands])
 
 
-def _reference_colours(data: InputData, assoc: Association, terms: ColourTerms):
+def reference_colours(data: InputData, assoc: Association, terms: ColourTerms):
     """(S, B) reference colour (primary - secondary, mag; 0 where none) and (S, B) bool: usable
     (matched reference star with positive, finite fluxes and errors in both bands)."""
     n_bands = len(terms.primary)
@@ -108,7 +108,7 @@ def _reference_colours(data: InputData, assoc: Association, terms: ColourTerms):
     return colour, has
 
 
-def _colour_term_errors(data: InputData, assoc: Association, terms: ColourTerms, colour: np.ndarray,
+def colour_term_errors(data: InputData, assoc: Association, terms: ColourTerms, colour: np.ndarray,
                         ref_flux: np.ndarray, ref_err: np.ndarray) -> np.ndarray:
     """(S, B) error [nJy, reference system] of the colour-transformed reference flux of each band
     with a colour term: sigma_m^2 = ((1 + c1 + 2 c2 col) sigma_p)^2 + ((c1 + 2 c2 col) sigma_s)^2 at
@@ -129,7 +129,7 @@ def _colour_term_errors(data: InputData, assoc: Association, terms: ColourTerms,
     return out
 
 
-def _check_colour_spread(terms: ColourTerms, colour: np.ndarray, has_ref: np.ndarray, bands) -> None:
+def check_colour_spread(terms: ColourTerms, colour: np.ndarray, has_ref: np.ndarray, bands) -> None:
     """InputError when a fitted c1 cannot be told from the zero point: too few reference stars with
     a colour, or all of nearly the same colour (c1 * colour is then a constant offset)."""
     for b, band in enumerate(bands):
@@ -161,7 +161,7 @@ def focal_plane_map(data: InputData, assoc: Association, config: FitConfig, astr
     return guess.chip
 
 
-def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
+def focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
     """Centre and half-width of the bounding box of all detectors in the focal plane."""
     size = {}
     for (v, d), cv in data.ccd_visits.items():
@@ -183,7 +183,7 @@ def _focal_domain(data: InputData, assoc: Association, focal: jm.Grouped):
     return center, half
 
 
-def _detector_fields(data: InputData, assoc: Association, bd_detector: np.ndarray, order: int):
+def detector_fields(data: InputData, assoc: Association, bd_detector: np.ndarray, order: int):
     """Zero detector fields of `order` over each band-detector's pixels (None for order 0)."""
     size = {}
     for (v, d), cv in data.ccd_visits.items():
@@ -206,7 +206,7 @@ def _median_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands):
+def initial_calibration(assoc, m_band, visit_band, ratio_ok, ratio, n_bands):
     """Per detector-visit first-guess calibration [nJy/count]: median of reference flux / instFlux over
     its measurements of reference stars; else its visit's, else its band's median."""
     k_of = assoc.ccd_visit_index
@@ -266,7 +266,7 @@ def initial_photometric_model(form: str, calib_k: np.ndarray, calib_v: np.ndarra
                                  detector_fields)
 
 
-def _informative(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: np.ndarray) -> np.ndarray:
+def informative_measurements(star: np.ndarray, band: np.ndarray, use: np.ndarray, has_ref: np.ndarray) -> np.ndarray:
     """(m,) bool: used measurements whose star has another used measurement in the band, or a
     reference flux there. The others only fix their own star's flux: no calibration information."""
     n_stars, n_bands = has_ref.shape
